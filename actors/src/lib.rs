@@ -1,0 +1,14 @@
+//! The kimi-actors engine: a DeepSeek-V3 / Kimi-K2 forward pass over memory-mapped checkpoints
+//! (bf16, FP8 blocks, MLX affine), the tokenizer and chat template, sampling, and the actors that own
+//! the model's units across machines.
+
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod quant;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use error::{Error, Result};
+pub mod generate;
+pub mod tokenizer;

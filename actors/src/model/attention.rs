@@ -1,0 +1,282 @@
+//! Multi-head latent attention (MLA), DeepSeek-V3's attention, in the absorbed form throughout:
+//! queries are mapped into the latent space through `embed_q`, attend over the cached latents
+//! `[latent | k_pe]` as one shared key/value head (MQA), and the output leaves through `unembed_out`.
+//! Prefill and decode use the same math, so one sequence's result never depends on how it was batched.
+//!
+//! Shapes: `T` tokens in the step (all sequences), `L` tokens of one sequence in the step, `P` already cached,
+//! `N = P + L`, `h` heads, `r` = `kv_lora_rank`, `n` = `qk_nope_head_dim`, `e` = `qk_rope_head_dim`, `v` = `v_head_dim`.
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::model::cache::LatentCache;
+use crate::model::linear::Linear;
+use crate::model::norm::RmsNorm;
+use crate::model::rope::Rope;
+use crate::quant::affine::AffineMatrix;
+use crate::weights::Weights;
+use candle_core::{Device, Tensor};
+use std::ops::Range;
+
+/// mlx-lm and HF give the LoRA norms a fixed epsilon, independent of `rms_norm_eps`.
+const LORA_NORM_EPS: f32 = 1e-6;
+
+enum QProj {
+    Plain(Linear),
+    LoRa { a: Linear, norm: RmsNorm, b: Linear },
+}
+
+/// Per-head matrices `[h, out, in]` applied head by head: `[h, L, in]` → `[h, L, out]`.
+enum HeadLinear {
+    Dense(Tensor),
+    Affine(Vec<AffineMatrix>),
+}
+
+impl HeadLinear {
+    fn from_heads(heads: Vec<Linear>) -> Result<HeadLinear> {
+        if heads.iter().all(|l| matches!(l, Linear::Affine(_))) {
+            let ms = heads
+                .into_iter()
+                .filter_map(|l| match l {
+                    Linear::Affine(m) => Some(m),
+                    Linear::Dense(_) => None,
+                })
+                .collect();
+            return Ok(HeadLinear::Affine(ms));
+        }
+        let dense: Vec<Tensor> = heads
+            .iter()
+            .map(|l| match l {
+                Linear::Dense(w) => Ok(w.clone()),
+                Linear::Affine(m) => Ok(Tensor::from_vec(
+                    m.dequantize(),
+                    (m.rows, m.cols),
+                    &Device::Cpu,
+                )?),
+            })
+            .collect::<Result<_>>()?;
+        Ok(HeadLinear::Dense(Tensor::stack(&dense, 0)?))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            HeadLinear::Dense(w) => Ok(x.contiguous()?.matmul(&w.transpose(1, 2)?)?),
+            HeadLinear::Affine(ms) => {
+                let (h, l, cols) = x.dims3()?;
+                let rows = ms[0].rows;
+                let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let mut y = vec![0f32; h * l * rows];
+                for (i, m) in ms.iter().enumerate() {
+                    m.matmul(
+                        &xv[i * l * cols..(i + 1) * l * cols],
+                        &mut y[i * l * rows..(i + 1) * l * rows],
+                    );
+                }
+                Ok(Tensor::from_vec(y, (h, l, rows), &Device::Cpu)?)
+            }
+        }
+    }
+
+    fn weight_bytes(&self) -> usize {
+        match self {
+            HeadLinear::Dense(w) => w.elem_count() * 4,
+            HeadLinear::Affine(ms) => ms.iter().map(|m| m.weight_bytes()).sum(),
+        }
+    }
+}
+
+/// The rows of one sequence in a step's batch, and that sequence's cache for this layer.
+pub struct Segment<'a> {
+    pub rows: Range<usize>,
+    pub cache: &'a mut LatentCache,
+}
+
+pub struct Attention {
+    pub layer: usize,
+    input_norm: RmsNorm,
+    q: QProj,
+    kv_a: Linear,
+    kv_norm: RmsNorm,
+    embed_q: HeadLinear,
+    unembed_out: HeadLinear,
+    o_proj: Linear,
+    post_norm: RmsNorm,
+    rope: Rope,
+    heads: usize,
+    nope: usize,
+    rope_dim: usize,
+    rank: usize,
+    scale: f64,
+}
+
+impl Attention {
+    pub fn load(w: &Weights, layer: usize) -> Result<Attention> {
+        let c = &w.config;
+        let p = format!("model.layers.{layer}");
+        let a = format!("{p}.self_attn");
+        let (h, n, e, r, v) = (
+            c.num_attention_heads,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.kv_lora_rank,
+            c.v_head_dim,
+        );
+        let q = match c.q_lora_rank {
+            None => QProj::Plain(w.matrix(&format!("{a}.q_proj"), h * (n + e), c.hidden_size)?),
+            Some(qr) => QProj::LoRa {
+                a: w.matrix(&format!("{a}.q_a_proj"), qr, c.hidden_size)?,
+                norm: RmsNorm::load(w, &format!("{a}.q_a_layernorm.weight"), qr, LORA_NORM_EPS)?,
+                b: w.matrix(&format!("{a}.q_b_proj"), h * (n + e), qr)?,
+            },
+        };
+        let (embed_q, unembed_out) = load_head_projections(w, &a, c)?;
+        Ok(Attention {
+            layer,
+            input_norm: RmsNorm::load(
+                w,
+                &format!("{p}.input_layernorm.weight"),
+                c.hidden_size,
+                c.rms_norm_eps,
+            )?,
+            q,
+            kv_a: w.matrix(&format!("{a}.kv_a_proj_with_mqa"), r + e, c.hidden_size)?,
+            kv_norm: RmsNorm::load(w, &format!("{a}.kv_a_layernorm.weight"), r, LORA_NORM_EPS)?,
+            embed_q,
+            unembed_out,
+            o_proj: w.matrix(&format!("{a}.o_proj"), c.hidden_size, h * v)?,
+            post_norm: RmsNorm::load(
+                w,
+                &format!("{p}.post_attention_layernorm.weight"),
+                c.hidden_size,
+                c.rms_norm_eps,
+            )?,
+            rope: Rope::new(c),
+            heads: h,
+            nope: n,
+            rope_dim: e,
+            rank: r,
+            scale: c.attention_scale() as f64,
+        })
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        let q = match &self.q {
+            QProj::Plain(l) => l.weight_bytes(),
+            QProj::LoRa { a, b, .. } => a.weight_bytes() + b.weight_bytes(),
+        };
+        q + self.kv_a.weight_bytes()
+            + self.embed_q.weight_bytes()
+            + self.unembed_out.weight_bytes()
+            + self.o_proj.weight_bytes()
+    }
+
+    /// `x: [T, hidden]`, the residual stream. Appends each segment's tokens to its cache and returns
+    /// `(h, m)`: `h = x + attention(input_norm(x))` and `m = post_attention_norm(h)`, the MLP's input.
+    pub fn forward(&self, x: &Tensor, segments: &mut [Segment]) -> Result<(Tensor, Tensor)> {
+        let xn = self.input_norm.forward(x)?;
+        let q = match &self.q {
+            QProj::Plain(l) => l.forward(&xn)?,
+            QProj::LoRa { a, norm, b } => b.forward(&norm.forward(&a.forward(&xn)?)?)?,
+        }; // [T, h·(n+e)]
+        let kv = self.kv_a.forward(&xn)?; // [T, r+e]
+        let latent = self.kv_norm.forward(&kv.narrow(1, 0, self.rank)?)?; // [T, r]
+        let k_pe = kv.narrow(1, self.rank, self.rope_dim)?; // [T, e]
+
+        let mut outs = Vec::with_capacity(segments.len());
+        for seg in segments.iter_mut() {
+            let (start, l) = (seg.rows.start, seg.rows.len());
+            outs.push(self.attend(
+                &q.narrow(0, start, l)?,
+                &latent.narrow(0, start, l)?,
+                &k_pe.narrow(0, start, l)?,
+                seg.cache,
+            )?);
+        }
+        let out = Tensor::cat(&outs, 0)?; // [T, h·v]
+        let h = (x + self.o_proj.forward(&out)?)?;
+        let m = self.post_norm.forward(&h)?;
+        Ok((h, m))
+    }
+
+    /// One sequence: `q: [L, h·(n+e)]`, `latent: [L, r]`, `k_pe: [L, e]` → `[L, h·v]`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        latent: &Tensor,
+        k_pe: &Tensor,
+        cache: &mut LatentCache,
+    ) -> Result<Tensor> {
+        let (h, n, e, r) = (self.heads, self.nope, self.rope_dim, self.rank);
+        let l = q.dims()[0];
+        let past = cache.len();
+
+        let q = q.reshape((l, h, n + e))?.transpose(0, 1)?; // [h, L, n+e]
+        let q_nope = q.narrow(2, 0, n)?; // [h, L, n]
+        let q_pe = self
+            .rope
+            .forward(&q.narrow(2, n, e)?.unsqueeze(0)?, past)?
+            .squeeze(0)?; // [h, L, e]
+        let k_pe = self
+            .rope
+            .forward(&k_pe.reshape((1, 1, l, e))?, past)?
+            .reshape((l, e))?;
+        cache.append(&Tensor::cat(&[latent, &k_pe], 1)?)?;
+        let kv = cache.view()?; // [N, r+e]
+        let total = past + l;
+
+        let q_lat = self.embed_q.forward(&q_nope)?; // [h, L, r]
+        let query = Tensor::cat(&[&q_lat, &q_pe], 2)?.reshape((h * l, r + e))?;
+        let mut scores = (query.matmul(&kv.t()?)? * self.scale)?; // [h·L, N]
+        if l > 1 {
+            scores = scores.broadcast_add(&causal_mask(h, l, past, total)?)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out_lat = probs
+            .matmul(&kv.narrow(1, 0, r)?.contiguous()?)?
+            .reshape((h, l, r))?;
+        let out = self.unembed_out.forward(&out_lat)?; // [h, L, v]
+        Ok(out.transpose(0, 1)?.contiguous()?.reshape((l, ()))?)
+    }
+}
+
+/// `[h·L, N]` additive mask: query `i` of the step (position `past + i`) sees keys `0..=past + i`.
+fn causal_mask(h: usize, l: usize, past: usize, total: usize) -> Result<Tensor> {
+    let mut m = vec![0f32; h * l * total];
+    for row in 0..h * l {
+        let i = row % l;
+        for j in past + i + 1..total {
+            m[row * total + j] = f32::NEG_INFINITY;
+        }
+    }
+    Ok(Tensor::from_vec(m, (h * l, total), &Device::Cpu)?)
+}
+
+/// `embed_q` `[h, r, n]` and `unembed_out` `[h, v, r]`: stored under those names (MLX layout), or cut from
+/// HF's `kv_b_proj` `[h·(n+v), r]` (per head: `n` key rows, then `v` value rows).
+fn load_head_projections(
+    w: &Weights,
+    a: &str,
+    c: &ModelConfig,
+) -> Result<(HeadLinear, HeadLinear)> {
+    let (h, n, r, v) = (
+        c.num_attention_heads,
+        c.qk_nope_head_dim,
+        c.kv_lora_rank,
+        c.v_head_dim,
+    );
+    if !w.has(&format!("{a}.kv_b_proj.weight")) {
+        let eq = (0..h)
+            .map(|i| w.stacked(&format!("{a}.embed_q"), i, h, r, n))
+            .collect::<Result<Vec<_>>>()?;
+        let uo = (0..h)
+            .map(|i| w.stacked(&format!("{a}.unembed_out"), i, h, v, r))
+            .collect::<Result<Vec<_>>>()?;
+        return Ok((HeadLinear::from_heads(eq)?, HeadLinear::from_heads(uo)?));
+    }
+    let kv_b = w
+        .matrix(&format!("{a}.kv_b_proj"), h * (n + v), r)?
+        .to_f32()?;
+    let per_head = Tensor::from_vec(kv_b, (h, n + v, r), &Device::Cpu)?;
+    let embed_q = per_head.narrow(1, 0, n)?.transpose(1, 2)?.contiguous()?; // [h, r, n]
+    let unembed_out = per_head.narrow(1, n, v)?.contiguous()?; // [h, v, r]
+    Ok((HeadLinear::Dense(embed_q), HeadLinear::Dense(unembed_out)))
+}

@@ -1,0 +1,235 @@
+//! The MoE block, cut where the actors cut it: the [`Router`] (gate) picks experts per token, an
+//! [`ExpertGroup`] applies the experts it holds, the shared expert is a plain [`Mlp`].
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::linear::Linear;
+use crate::model::mlp::Mlp;
+use crate::weights::Weights;
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+
+/// One routed (token, expert) pair with its gate weight.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Assignment {
+    pub token: u32,
+    pub expert: u32,
+    pub weight: f32,
+}
+
+pub struct Router {
+    gate: Linear,
+    bias: Vec<f32>,
+    top_k: usize,
+    n_group: usize,
+    topk_group: usize,
+    norm_topk_prob: bool,
+    scaling: f32,
+}
+
+impl Router {
+    pub fn load(w: &Weights, layer: usize) -> Result<Router> {
+        let c = &w.config;
+        let g = format!("model.layers.{layer}.mlp.gate");
+        let bias = w.vector(&format!("{g}.e_score_correction_bias"), c.n_routed_experts)?;
+        Ok(Router {
+            gate: w.matrix(&g, c.n_routed_experts, c.hidden_size)?,
+            bias,
+            top_k: c.num_experts_per_tok,
+            n_group: c.n_group,
+            topk_group: c.topk_group,
+            norm_topk_prob: c.norm_topk_prob,
+            scaling: c.routed_scaling_factor,
+        })
+    }
+
+    /// `x: [T, hidden]` → `top_k` assignments per token, token-major.
+    pub fn route(&self, x: &Tensor) -> Result<Vec<Assignment>> {
+        let logits: Vec<Vec<f32>> = self.gate.forward(x)?.to_vec2()?;
+        let mut out = Vec::with_capacity(logits.len() * self.top_k);
+        for (t, row) in logits.iter().enumerate() {
+            for (expert, weight) in self.select(row) {
+                out.push(Assignment {
+                    token: t as u32,
+                    expert: expert as u32,
+                    weight,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// DeepSeek-V3 `noaux_tc` routing of one token: sigmoid scores; `+ e_score_correction_bias` only to choose;
+    /// with groups, keep the `topk_group` groups with the largest top-2 sums (others' scores set to 0, as mlx-lm
+    /// and HF do); top-k; weights from the unbiased scores, normalized if `norm_topk_prob`, times the scaling.
+    pub fn select(&self, logits: &[f32]) -> Vec<(usize, f32)> {
+        let scores: Vec<f32> = logits.iter().map(|&z| 1.0 / (1.0 + (-z).exp())).collect();
+        let mut choice: Vec<f32> = scores.iter().zip(&self.bias).map(|(s, b)| s + b).collect();
+        if self.n_group > 1 {
+            let per = choice.len() / self.n_group;
+            let mut group_score: Vec<(usize, f32)> = choice
+                .chunks(per)
+                .map(|g| {
+                    let mut top = [f32::NEG_INFINITY; 2];
+                    for &v in g {
+                        if v > top[0] {
+                            top = [v, top[0]];
+                        } else if v > top[1] {
+                            top[1] = v;
+                        }
+                    }
+                    top[0] + top[1]
+                })
+                .enumerate()
+                .collect();
+            group_score.sort_by(|a, b| a.1.total_cmp(&b.1));
+            for &(g, _) in &group_score[..self.n_group - self.topk_group] {
+                choice[g * per..(g + 1) * per].fill(0.0);
+            }
+        }
+        let mut order: Vec<usize> = (0..choice.len()).collect();
+        // Stable sort: ties go to the lower expert id.
+        order.sort_by(|&a, &b| choice[b].total_cmp(&choice[a]));
+        order.truncate(self.top_k);
+        let mut picked: Vec<(usize, f32)> = order.into_iter().map(|e| (e, scores[e])).collect();
+        if self.top_k > 1 && self.norm_topk_prob {
+            let sum: f32 = picked.iter().map(|p| p.1).sum();
+            for p in &mut picked {
+                p.1 /= sum;
+            }
+        }
+        for p in &mut picked {
+            p.1 *= self.scaling;
+        }
+        picked
+    }
+}
+
+/// The routed experts of one layer that one node holds (all of them in a single process).
+pub struct ExpertGroup {
+    pub layer: usize,
+    experts: BTreeMap<usize, Mlp>,
+}
+
+impl ExpertGroup {
+    pub fn load(
+        w: &Weights,
+        layer: usize,
+        ids: impl IntoIterator<Item = usize>,
+    ) -> Result<ExpertGroup> {
+        let mut experts = BTreeMap::new();
+        for e in ids {
+            if e >= w.config.n_routed_experts {
+                return Err(Error::Invalid(format!(
+                    "layer {layer}: expert {e} does not exist (n_routed_experts = {})",
+                    w.config.n_routed_experts
+                )));
+            }
+            experts.insert(e, Mlp::load_expert(w, layer, e)?);
+        }
+        Ok(ExpertGroup { layer, experts })
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = usize> + '_ {
+        self.experts.keys().copied()
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.experts.values().map(|m| m.weight_bytes()).sum()
+    }
+
+    /// `Σ weight · expert(x[token])` over `assignments`, as `[T, hidden]` (rows without assignments are 0).
+    /// Tokens are grouped by expert so each expert's weights are read once per call.
+    pub fn forward(&self, x: &Tensor, assignments: &[Assignment]) -> Result<Tensor> {
+        let (t, hidden) = x.dims2()?;
+        let mut by_expert: BTreeMap<u32, Vec<(u32, f32)>> = BTreeMap::new();
+        for a in assignments {
+            by_expert
+                .entry(a.expert)
+                .or_default()
+                .push((a.token, a.weight));
+        }
+        let mut out = vec![0f32; t * hidden];
+        for (expert, rows) in by_expert {
+            let mlp = self.experts.get(&(expert as usize)).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "layer {}: expert {expert} is not held here",
+                    self.layer
+                ))
+            })?;
+            let idx = Tensor::from_vec(
+                rows.iter().map(|r| r.0).collect::<Vec<u32>>(),
+                rows.len(),
+                &Device::Cpu,
+            )?;
+            let y: Vec<f32> = mlp
+                .forward(&x.index_select(&idx, 0)?)?
+                .flatten_all()?
+                .to_vec1()?;
+            for (i, &(token, weight)) in rows.iter().enumerate() {
+                let dst = &mut out[token as usize * hidden..(token as usize + 1) * hidden];
+                for (d, s) in dst.iter_mut().zip(&y[i * hidden..(i + 1) * hidden]) {
+                    *d += weight * s;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (t, hidden), &Device::Cpu)?)
+    }
+}
+
+/// Dense MLP of layers below `first_k_dense_replace`, or the MoE block.
+pub enum Ffn {
+    Dense(Mlp),
+    Moe {
+        router: Router,
+        experts: ExpertGroup,
+        shared: Option<Mlp>,
+    },
+}
+
+impl Ffn {
+    pub fn load(w: &Weights, layer: usize) -> Result<Ffn> {
+        let c: &ModelConfig = &w.config;
+        let p = format!("model.layers.{layer}.mlp");
+        if !c.is_moe_layer(layer) {
+            return Ok(Ffn::Dense(Mlp::load(w, &p, c.intermediate_size)?));
+        }
+        Ok(Ffn::Moe {
+            router: Router::load(w, layer)?,
+            experts: ExpertGroup::load(w, layer, 0..c.n_routed_experts)?,
+            shared: load_shared(w, layer)?,
+        })
+    }
+
+    /// `x: [T, hidden]` (post-attention normed) → the MLP output to add to the residual.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Ffn::Dense(m) => m.forward(x),
+            Ffn::Moe {
+                router,
+                experts,
+                shared,
+            } => {
+                let routed = experts.forward(x, &router.route(x)?)?;
+                match shared {
+                    Some(s) => Ok((routed + s.forward(x)?)?),
+                    None => Ok(routed),
+                }
+            }
+        }
+    }
+}
+
+/// The shared expert(s) of a MoE layer, `moe_intermediate_size · n_shared_experts` wide.
+pub fn load_shared(w: &Weights, layer: usize) -> Result<Option<Mlp>> {
+    let c = &w.config;
+    if c.n_shared_experts == 0 {
+        return Ok(None);
+    }
+    let p = format!("model.layers.{layer}.mlp.shared_experts");
+    Ok(Some(Mlp::load(
+        w,
+        &p,
+        c.moe_intermediate_size * c.n_shared_experts,
+    )?))
+}

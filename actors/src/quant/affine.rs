@@ -1,0 +1,233 @@
+//! MLX affine quantization: `w ≈ scale · q + bias` per group of `group` consecutive input columns, with the
+//! codes `q` (`bits` wide) packed as one little-endian bitstream per row (`U32` words in the checkpoint).
+//! Scales and biases are bf16, f16 or f32, shaped `[rows, cols / group]`.
+
+use crate::quant::kernels;
+use crate::weights::Buf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleType {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl ScaleType {
+    pub fn size(self) -> usize {
+        match self {
+            ScaleType::Bf16 | ScaleType::F16 => 2,
+            ScaleType::F32 => 4,
+        }
+    }
+
+    #[inline]
+    pub fn read(self, b: &[u8], i: usize) -> f32 {
+        match self {
+            ScaleType::Bf16 => half::bf16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32(),
+            ScaleType::F16 => half::f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32(),
+            ScaleType::F32 => {
+                f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+            }
+        }
+    }
+}
+
+/// One affine-quantized matrix `[rows, cols]` (one expert's projection, one head of `embed_q`, …).
+#[derive(Clone)]
+pub struct AffineMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub bits: u32,
+    pub group: usize,
+    pub packed: Buf,
+    pub scales: Buf,
+    pub biases: Buf,
+    pub scale_type: ScaleType,
+}
+
+impl AffineMatrix {
+    pub fn row_bytes(&self) -> usize {
+        self.cols * self.bits as usize / 8
+    }
+
+    pub fn groups_per_row(&self) -> usize {
+        self.cols / self.group
+    }
+
+    /// Bytes of codes, scales and biases: what a matmul reads.
+    pub fn weight_bytes(&self) -> usize {
+        self.packed.len() + self.scales.len() + self.biases.len()
+    }
+
+    /// Scale and bias of group `g` of row `r`.
+    #[inline]
+    pub fn scale_bias(&self, r: usize, g: usize) -> (f32, f32) {
+        let i = r * self.groups_per_row() + g;
+        (
+            self.scale_type.read(&self.scales, i),
+            self.scale_type.read(&self.biases, i),
+        )
+    }
+
+    /// Dequantizes row `r` into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let mut codes = vec![0u8; self.group];
+        let gb = self.group * self.bits as usize / 8;
+        let row = &self.packed[r * self.row_bytes()..(r + 1) * self.row_bytes()];
+        for g in 0..self.groups_per_row() {
+            unpack(&row[g * gb..(g + 1) * gb], self.bits, &mut codes);
+            let (s, b) = self.scale_bias(r, g);
+            for (o, &q) in out[g * self.group..(g + 1) * self.group]
+                .iter_mut()
+                .zip(&codes)
+            {
+                *o = s * q as f32 + b;
+            }
+        }
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.rows * self.cols];
+        for (r, row) in w.chunks_exact_mut(self.cols).enumerate() {
+            self.dequantize_row(r, row);
+        }
+        w
+    }
+
+    /// `y[t, rows] = x[t, cols] · Wᵀ` for `t = x.len() / cols` tokens.
+    pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
+        kernels::affine_matmul(self, x, y)
+    }
+
+    /// Quantizes `w` (`[rows, cols]`, row-major) with min/max groups: the codes span each group's range.
+    pub fn quantize(w: &[f32], rows: usize, cols: usize, bits: u32, group: usize) -> AffineMatrix {
+        assert!(cols.is_multiple_of(group) && w.len() == rows * cols);
+        let levels = ((1u32 << bits) - 1) as f32;
+        let mut codes = vec![0u8; rows * cols];
+        let mut scales = Vec::with_capacity(rows * cols / group * 4);
+        let mut biases = Vec::with_capacity(rows * cols / group * 4);
+        for (gi, chunk) in w.chunks_exact(group).enumerate() {
+            let (lo, hi) = chunk
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                    (a.min(v), b.max(v))
+                });
+            let scale = if hi > lo { (hi - lo) / levels } else { 1.0 };
+            for (j, &v) in chunk.iter().enumerate() {
+                codes[gi * group + j] = ((v - lo) / scale).round().clamp(0.0, levels) as u8;
+            }
+            scales.extend_from_slice(&scale.to_le_bytes());
+            biases.extend_from_slice(&lo.to_le_bytes());
+        }
+        AffineMatrix {
+            rows,
+            cols,
+            bits,
+            group,
+            packed: Buf::owned(pack(&codes, bits)),
+            scales: Buf::owned(scales),
+            biases: Buf::owned(biases),
+            scale_type: ScaleType::F32,
+        }
+    }
+}
+
+/// Packs `bits`-wide codes into a little-endian bitstream (MLX's layout for every bit width).
+pub fn pack(codes: &[u8], bits: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity((codes.len() * bits as usize).div_ceil(8));
+    let (mut acc, mut n) = (0u64, 0u32);
+    for &c in codes {
+        debug_assert!((c as u32) < (1 << bits));
+        acc |= (c as u64) << n;
+        n += bits;
+        while n >= 8 {
+            out.push(acc as u8);
+            acc >>= 8;
+            n -= 8;
+        }
+    }
+    if n > 0 {
+        out.push(acc as u8);
+    }
+    out
+}
+
+/// Unpacks `out.len()` codes of `bits` each from the start of `bytes` (scalar reference).
+pub fn unpack(bytes: &[u8], bits: u32, out: &mut [u8]) {
+    let mask = (1u64 << bits) - 1;
+    let (mut acc, mut n, mut i) = (0u64, 0u32, 0usize);
+    for o in out.iter_mut() {
+        while n < bits {
+            acc |= (bytes[i] as u64) << n;
+            i += 1;
+            n += 8;
+        }
+        *o = (acc & mask) as u8;
+        acc >>= bits;
+        n -= bits;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> u32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*seed >> 33) as u32
+    }
+
+    #[test]
+    fn pack_unpack_roundtrip_every_width() {
+        let mut seed = 7;
+        for bits in crate::config::SUPPORTED_BITS {
+            let codes: Vec<u8> = (0..256)
+                .map(|_| (lcg(&mut seed) % (1 << bits)) as u8)
+                .collect();
+            let packed = pack(&codes, bits);
+            assert_eq!(packed.len(), 256 * bits as usize / 8);
+            let mut back = vec![0u8; 256];
+            unpack(&packed, bits, &mut back);
+            assert_eq!(back, codes, "bits {bits}");
+        }
+    }
+
+    #[test]
+    fn four_bit_layout_is_low_nibble_first() {
+        // MLX: element k of a u32 word sits at bits 4k..4k+4.
+        assert_eq!(
+            pack(&[1, 2, 3, 4, 5, 6, 7, 8], 4),
+            0x8765_4321u32.to_le_bytes()
+        );
+    }
+
+    #[test]
+    fn quantize_dequantize_error_is_within_half_a_step() {
+        let mut seed = 3;
+        let (rows, cols) = (3, 256);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|_| lcg(&mut seed) as f32 / u32::MAX as f32 - 0.5)
+            .collect();
+        for bits in crate::config::SUPPORTED_BITS {
+            for group in crate::config::SUPPORTED_GROUPS {
+                let m = AffineMatrix::quantize(&w, rows, cols, bits, group);
+                let d = m.dequantize();
+                for (gi, (a, b)) in w.chunks(group).zip(d.chunks(group)).enumerate() {
+                    let (s, _) = m.scale_bias(gi / (cols / group), gi % (cols / group));
+                    let err = a
+                        .iter()
+                        .zip(b)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        err <= s * 0.5 + 1e-6,
+                        "bits {bits} group {group}: {err} > {}",
+                        s * 0.5
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Resolves a module path (`model.layers.3.self_attn.q_b_proj`) to a [`Linear`], whatever the format of its
+//! tensors, and checks every shape against the config. Stacked tensors (`switch_mlp` `[experts, out, in]`,
+//! `embed_q` `[heads, out, in]`) are addressed by index so a caller loads only the slices it owns.
+
+use crate::config::{AffineParams, ModelConfig, Quantization, SUPPORTED_BITS, SUPPORTED_GROUPS};
+use crate::error::Result;
+use crate::model::linear::Linear;
+use crate::quant::affine::{AffineMatrix, ScaleType};
+use crate::quant::fp8;
+use crate::weights::Buf;
+use crate::weights::checkpoint::{Checkpoint, TensorView, floats_from_bytes, to_f32_vec};
+use safetensors::tensor::Dtype;
+use std::path::Path;
+
+pub struct Weights {
+    pub config: ModelConfig,
+    pub ckpt: Checkpoint,
+}
+
+/// Which matrix of a tensor: the whole 2-D tensor, or slice `index` of a stack of `count`.
+#[derive(Clone, Copy)]
+struct Slot {
+    index: usize,
+    count: Option<usize>,
+}
+
+impl Weights {
+    pub fn open(dir: &Path) -> Result<Weights> {
+        let config = ModelConfig::load(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        Ok(Weights { config, ckpt })
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.ckpt.contains(name)
+    }
+
+    /// The 2-D matrix `{module}.weight`, `[rows, cols]` once dequantized.
+    pub fn matrix(&self, module: &str, rows: usize, cols: usize) -> Result<Linear> {
+        self.load(
+            module,
+            Slot {
+                index: 0,
+                count: None,
+            },
+            rows,
+            cols,
+        )
+    }
+
+    /// Matrix `index` of the stacked `{module}.weight` `[count, rows, cols]`.
+    pub fn stacked(
+        &self,
+        module: &str,
+        index: usize,
+        count: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Linear> {
+        self.load(
+            module,
+            Slot {
+                index,
+                count: Some(count),
+            },
+            rows,
+            cols,
+        )
+    }
+
+    /// A 1-D float tensor of `len` values (norm weights, the router's correction bias).
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let t = self.ckpt.get(name)?;
+        if t.shape != [len] {
+            return Err(t.err(format!(
+                "shape {:?} disagrees with the config (expected [{len}])",
+                t.shape
+            )));
+        }
+        to_f32_vec(&t)
+    }
+
+    fn load(&self, module: &str, slot: Slot, rows: usize, cols: usize) -> Result<Linear> {
+        let w = self.ckpt.get(&format!("{module}.weight"))?;
+        match w.dtype {
+            Dtype::U32 => self
+                .affine(module, &w, slot, rows, cols)
+                .map(Linear::Affine),
+            Dtype::F8_E4M3 => self.fp8(module, &w, slot, rows, cols),
+            Dtype::BF16 | Dtype::F16 | Dtype::F32 => {
+                check_shape(&w, slot, &[rows, cols])?;
+                let n = rows * cols * w.dtype.bitsize() / 8;
+                let bytes = &w.bytes[slot.index * n..(slot.index + 1) * n];
+                Linear::dense(floats_from_bytes(w.dtype, bytes), rows, cols)
+            }
+            other => Err(w.err(format!("dtype {other:?} is not a supported weight format"))),
+        }
+    }
+
+    fn affine(
+        &self,
+        module: &str,
+        w: &TensorView,
+        slot: Slot,
+        rows: usize,
+        cols: usize,
+    ) -> Result<AffineMatrix> {
+        let scales = self.ckpt.get(&format!("{module}.scales"))?;
+        let biases = self.ckpt.get(&format!("{module}.biases"))?;
+        let inferred = infer_affine(w, &scales, cols)?;
+        let configured = match &self.config.quantization {
+            Quantization::Affine(a) => a.for_module(module),
+            _ => None,
+        };
+        let params = match configured {
+            Some(Some(p)) => p,
+            Some(None) => {
+                return Err(w.err(
+                    "the config lists this module as unquantized but the tensor is U32-packed",
+                ));
+            }
+            None => inferred,
+        };
+        if params != inferred {
+            return Err(w.err(format!(
+                "shapes {:?} / scales {:?} imply {}-bit group {} for {cols} columns, but the config says {}-bit group {}",
+                w.shape, scales.shape, inferred.bits, inferred.group_size, params.bits, params.group_size
+            )));
+        }
+        let packed_cols = cols * params.bits as usize / 32;
+        let groups = cols / params.group_size;
+        check_shape(w, slot, &[rows, packed_cols])?;
+        check_shape(&scales, slot, &[rows, groups])?;
+        check_shape(&biases, slot, &[rows, groups])?;
+        let st = scale_type(&scales)?;
+        if scale_type(&biases)? != st {
+            return Err(biases.err("biases and scales have different dtypes"));
+        }
+        let sb = rows * groups * st.size();
+        let pb = rows * packed_cols * 4;
+        let i = slot.index;
+        Ok(AffineMatrix {
+            rows,
+            cols,
+            bits: params.bits,
+            group: params.group_size,
+            packed: Buf::Mapped(w.bytes.slice(i * pb..(i + 1) * pb)),
+            scales: Buf::Mapped(scales.bytes.slice(i * sb..(i + 1) * sb)),
+            biases: Buf::Mapped(biases.bytes.slice(i * sb..(i + 1) * sb)),
+            scale_type: st,
+        })
+    }
+
+    fn fp8(
+        &self,
+        module: &str,
+        w: &TensorView,
+        slot: Slot,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Linear> {
+        let block = match self.config.quantization {
+            Quantization::Fp8 { block } => block,
+            _ => [128, 128],
+        };
+        let s = self.ckpt.get(&format!("{module}.weight_scale_inv"))?;
+        let (br, bc) = (rows.div_ceil(block[0]), cols.div_ceil(block[1]));
+        check_shape(w, slot, &[rows, cols])?;
+        check_shape(&s, slot, &[br, bc])?;
+        if s.dtype != Dtype::F32 {
+            return Err(s.err(format!("dtype {:?}, expected F32 block scales", s.dtype)));
+        }
+        let scale_all = to_f32_vec(&s)?;
+        let i = slot.index;
+        let scale = &scale_all[i * br * bc..(i + 1) * br * bc];
+        let codes = &w.bytes[i * rows * cols..(i + 1) * rows * cols];
+        Linear::dense(
+            fp8::dequantize_blocks(codes, rows, cols, scale, block),
+            rows,
+            cols,
+        )
+    }
+}
+
+/// Bits and group size implied by the packed width and the number of scale groups.
+fn infer_affine(w: &TensorView, scales: &TensorView, cols: usize) -> Result<AffineParams> {
+    let (Some(&packed), Some(&groups)) = (w.shape.last(), scales.shape.last()) else {
+        return Err(w.err("a packed weight needs at least one dimension"));
+    };
+    let bits = packed * 32 / cols.max(1);
+    let ok_bits = packed * 32 == bits * cols && SUPPORTED_BITS.contains(&(bits as u32));
+    if !ok_bits {
+        return Err(w.err(format!(
+            "{packed} u32 words per row do not pack {cols} columns at 2, 3, 4, 5, 6 or 8 bits"
+        )));
+    }
+    let group = cols.checked_div(groups).unwrap_or(0);
+    if groups == 0 || group * groups != cols || !SUPPORTED_GROUPS.contains(&group) {
+        return Err(scales.err(format!(
+            "{groups} scale groups per row do not split {cols} columns into 32, 64 or 128"
+        )));
+    }
+    Ok(AffineParams {
+        bits: bits as u32,
+        group_size: group,
+    })
+}
+
+fn scale_type(t: &TensorView) -> Result<ScaleType> {
+    match t.dtype {
+        Dtype::BF16 => Ok(ScaleType::Bf16),
+        Dtype::F16 => Ok(ScaleType::F16),
+        Dtype::F32 => Ok(ScaleType::F32),
+        other => Err(t.err(format!("dtype {other:?}, expected bf16, f16 or f32 scales"))),
+    }
+}
+
+fn check_shape(t: &TensorView, slot: Slot, tail: &[usize]) -> Result<()> {
+    let mut want: Vec<usize> = slot.count.into_iter().collect();
+    want.extend_from_slice(tail);
+    if t.shape != want.as_slice() {
+        return Err(t.err(format!(
+            "shape {:?} disagrees with the config (expected {want:?})",
+            t.shape
+        )));
+    }
+    if slot.index >= slot.count.unwrap_or(1) {
+        return Err(t.err(format!("index {} out of range", slot.index)));
+    }
+    Ok(())
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Weights({})", self.ckpt.dir().display())
+    }
+}

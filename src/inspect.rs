@@ -1,0 +1,95 @@
+//! `kimi-actors logits` and `kimi-actors tokenize`: JSON on stdout, for checks against reference engines.
+
+use crate::load;
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use engine::tokenizer::Tokenizer;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct LogitsArgs {
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Comma-separated prompt ids, run as one forward.
+    #[arg(long, value_delimiter = ',', required = true)]
+    prompt_ids: Vec<u32>,
+    /// Comma-separated ids fed one at a time through the KV cache after the prompt.
+    #[arg(long, value_delimiter = ',')]
+    forced_ids: Vec<u32>,
+}
+
+#[derive(Args)]
+pub struct TokenizeArgs {
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+    text: Option<String>,
+    /// {"messages": [...], "tools": [...]}; prints the rendering (with the generation prompt) too.
+    #[arg(long)]
+    chat: Option<PathBuf>,
+}
+
+pub fn logits(a: LogitsArgs) -> Result<()> {
+    let dir = a.model.unwrap_or_else(load::default_model_dir);
+    let model = load::model(&dir)?;
+    let mut cache = model.new_cache()?;
+    let prefill: Vec<Vec<f32>> = model.logits(&a.prompt_ids, &mut cache, true)?.to_vec2()?;
+    let mut decode = Vec::with_capacity(a.forced_ids.len());
+    for &id in &a.forced_ids {
+        decode.push(
+            model
+                .logits(&[id], &mut cache, false)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
+    }
+    println!("{}", json!({"prefill": prefill, "decode": decode}));
+    Ok(())
+}
+
+pub fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let dir = a.model.unwrap_or_else(load::default_model_dir);
+    let tok = load::tokenizer(&dir)?;
+    let out = match (&a.text, &a.chat) {
+        (Some(text), _) => json!({"ids": tok.encode(text)?}),
+        (None, Some(chat)) => {
+            let (messages, tools) = read_chat(chat)?;
+            let rendered = tok.render_chat(&messages, tools.as_ref())?;
+            json!({"ids": tok.encode(&rendered)?, "rendered": rendered})
+        }
+        (None, None) => bail!("give --text or --chat"),
+    };
+    println!("{out}");
+    Ok(())
+}
+
+/// Reads `{"messages": [...], "tools": [...]}`.
+pub fn read_chat(path: &Path) -> Result<(Value, Option<Value>)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let messages = match v.get("messages") {
+        Some(m @ Value::Array(a)) if !a.is_empty() => m.clone(),
+        _ => bail!("{}: `messages` must be a non-empty array", path.display()),
+    };
+    let tools = v.get("tools").filter(|t| !t.is_null()).cloned();
+    Ok((messages, tools))
+}
+
+/// The ids to generate from: BOS + the text of `--prompt`, or the rendered `--chat`.
+pub fn prompt_ids(tok: &Tokenizer, prompt: Option<&str>, chat: Option<&Path>) -> Result<Vec<u32>> {
+    match (prompt, chat) {
+        (Some(p), _) => {
+            let mut ids: Vec<u32> = tok.bos.into_iter().collect();
+            ids.extend(tok.encode(p)?);
+            Ok(ids)
+        }
+        (None, Some(c)) => {
+            let (messages, tools) = read_chat(c)?;
+            Ok(tok.encode(&tok.render_chat(&messages, tools.as_ref())?)?)
+        }
+        (None, None) => bail!("give --prompt or --chat"),
+    }
+}

@@ -1,0 +1,54 @@
+//! `kimi-actors`: the command line over the engine crate.
+
+mod generate;
+mod inspect;
+mod load;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "kimi-actors",
+    version,
+    about = "Run Kimi-K2 / DeepSeek-V3 MoE models across a few machines"
+)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace) or a tracing filter such as `engine=debug`.
+    #[arg(long, global = true, default_value = "warn", env = "KIMI_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt or a chat; text to stdout, speed to stderr.
+    Generate(generate::GenerateArgs),
+    /// Print the logits of a prompt (one forward) and of forced tokens fed one by one, as JSON.
+    Logits(inspect::LogitsArgs),
+    /// Print the token ids of a text or a rendered chat, as JSON.
+    Tokenize(inspect::TokenizeArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli.command) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Generate(a) => generate::run(a),
+        Command::Logits(a) => inspect::logits(a),
+        Command::Tokenize(a) => inspect::tokenize(a),
+    }
+}

@@ -1,0 +1,98 @@
+//! Helpers shared by the integration tests: fixture paths, JSON, and the reference comparisons.
+#![allow(dead_code)]
+
+use engine::model::Model;
+use engine::weights::Weights;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+pub const LOGIT_TOLERANCE: f32 = 1e-3;
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The bundled default model (tiny-kimi-story, MLX mixed precision).
+pub fn story_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/models/tiny-kimi-story")
+}
+
+pub fn json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an id array")
+        .iter()
+        .map(|x| x.as_u64().expect("an id") as u32)
+        .collect()
+}
+
+pub fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("a float array")
+        .iter()
+        .map(|x| x.as_f64().expect("a float") as f32)
+        .collect()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length differs");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+pub fn load_model(dir: &Path) -> Model {
+    let w = Weights::open(dir).unwrap_or_else(|e| panic!("{e}"));
+    Model::load(&w, |_| {}).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// For each reference case: the last 4 prefill positions of one forward over the prompt, then the logits
+/// after feeding each greedy id through the cache, all within `LOGIT_TOLERANCE`. Returns the largest difference.
+pub fn check_reference_logits(model: &Model, cases: &Value, label: &str) -> f32 {
+    let mut worst = 0f32;
+    for (ci, case) in cases.as_array().expect("cases").iter().enumerate() {
+        let prompt = ids(&case["prompt_ids"]);
+        let mut cache = model.new_cache().unwrap();
+        let got: Vec<Vec<f32>> = model
+            .logits(&prompt, &mut cache, true)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let want = case["prefill_logits"].as_array().unwrap();
+        for (i, row) in want.iter().enumerate() {
+            let d = max_abs_diff(&got[got.len() - want.len() + i], &floats(row));
+            assert!(
+                d <= LOGIT_TOLERANCE,
+                "{label} case {ci}: prefill row {i} off by {d}"
+            );
+            worst = worst.max(d);
+        }
+        for (step, (id, row)) in ids(&case["greedy_ids"])
+            .iter()
+            .zip(case["decode_logits"].as_array().unwrap())
+            .enumerate()
+        {
+            let got: Vec<f32> = model
+                .logits(&[*id], &mut cache, false)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let d = max_abs_diff(&got, &floats(row));
+            assert!(
+                d <= LOGIT_TOLERANCE,
+                "{label} case {ci}: decode step {step} off by {d}"
+            );
+            worst = worst.max(d);
+        }
+    }
+    worst
+}

@@ -1,0 +1,65 @@
+//! Logits against mlx-lm (float32) on every checkpoint format and layout: within 1e-3 max abs.
+
+mod common;
+use common::*;
+
+fn check(model_dir: std::path::PathBuf, reference: &str, key: &str) {
+    let model = load_model(&model_dir);
+    let r = json(&fixture(reference));
+    let worst = check_reference_logits(&model, &r[key], key);
+    eprintln!("{}: max |Δ| = {worst:.2e}", model_dir.display());
+}
+
+#[test]
+fn bf16_hf_layout() {
+    check(
+        fixture("tiny-kimi-bf16"),
+        "tiny-kimi-logits-reference.json",
+        "bf16",
+    );
+}
+
+#[test]
+fn fp8_block_quant() {
+    check(
+        fixture("tiny-kimi-fp8"),
+        "tiny-kimi-logits-reference.json",
+        "fp8",
+    );
+}
+
+#[test]
+fn mlx_mixed_bits() {
+    check(
+        fixture("tiny-kimi-mlx-mixed"),
+        "tiny-kimi-logits-reference.json",
+        "mlx_mixed",
+    );
+}
+
+#[test]
+fn plain_q_proj_and_group_limited_routing() {
+    check(
+        fixture("variant-qproj-groups/model"),
+        "variant-qproj-groups/logits-reference.json",
+        "mlx_mixed",
+    );
+}
+
+#[test]
+fn story_bf16_mlx_layout() {
+    check(
+        fixture("tiny-kimi-story-bf16"),
+        "tiny-kimi-story-logits-reference.json",
+        "bf16_mlx_layout",
+    );
+}
+
+#[test]
+fn story_mlx_mixed_bundled() {
+    check(
+        story_model(),
+        "tiny-kimi-story-logits-reference.json",
+        "mlx_mixed",
+    );
+}
