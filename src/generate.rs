@@ -1,6 +1,6 @@
 //! `kimi-actors generate`: stream a completion to stdout.
 
-use crate::load;
+use crate::load::{self, ModelArgs};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use engine::generate::{Sampler, SamplingParams, generate};
@@ -10,9 +10,8 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Model directory (default: the bundled tiny-kimi-story).
-    #[arg(long)]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Plain text prompt (the model's BOS token is prepended).
     #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
     prompt: Option<String>,
@@ -34,7 +33,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let dir = a.model.clone().unwrap_or_else(load::default_model_dir);
+    let dir = a.model.dir();
     let tok = load::tokenizer(&dir)?;
     let prompt = crate::inspect::prompt_ids(&tok, a.prompt.as_deref(), a.chat.as_deref())?;
     let params = SamplingParams {
@@ -47,7 +46,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
-    let model = load::model(&dir)?;
+    let model = load::model(&a.model)?;
     let mut cache = model.new_cache()?;
     let mut sampler = Sampler::new(params);
     let mut text = tok.stream();

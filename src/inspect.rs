@@ -1,6 +1,6 @@
 //! `kimi-actors logits` and `kimi-actors tokenize`: JSON on stdout, for checks against reference engines.
 
-use crate::load;
+use crate::load::{self, ModelArgs};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use engine::tokenizer::Tokenizer;
@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct LogitsArgs {
-    #[arg(long)]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Comma-separated prompt ids, run as one forward.
     #[arg(long, value_delimiter = ',', required = true)]
     prompt_ids: Vec<u32>,
@@ -31,8 +31,7 @@ pub struct TokenizeArgs {
 }
 
 pub fn logits(a: LogitsArgs) -> Result<()> {
-    let dir = a.model.unwrap_or_else(load::default_model_dir);
-    let model = load::model(&dir)?;
+    let model = load::model(&a.model)?;
     let mut cache = model.new_cache()?;
     let prefill: Vec<Vec<f32>> = model.logits(&a.prompt_ids, &mut cache, true)?.to_vec2()?;
     let mut decode = Vec::with_capacity(a.forced_ids.len());

@@ -1,9 +1,11 @@
-//! Loading a model directory with a progress bar; the bundled default model.
+//! Loading a model directory with a progress bar; the bundled default model; load options from the CLI.
 
 use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
 use engine::model::Model;
+use engine::quant::kernels::Activations;
 use engine::tokenizer::Tokenizer;
-use engine::weights::Weights;
+use engine::weights::{LoadOptions, QuantizeTo, Weights};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -13,15 +15,62 @@ pub fn default_model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/models/tiny-kimi-story")
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ActivationsArg {
+    /// f32 activations: exact (the default).
+    F32,
+    /// int8 activations per group with integer dot products: faster, ~1e-2 from exact.
+    Int8,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum QuantizeArg {
+    Q8,
+    Q4,
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Model directory (default: the bundled tiny-kimi-story).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Activation path of quantized matmuls.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub activations: ActivationsArg,
+    /// Quantize dense (bf16/f16/FP8) weights at load to MLX affine 8 or 4 bits, group 64.
+    #[arg(long, value_enum)]
+    pub quantize: Option<QuantizeArg>,
+}
+
+impl ModelArgs {
+    pub fn dir(&self) -> PathBuf {
+        self.model.clone().unwrap_or_else(default_model_dir)
+    }
+
+    pub fn options(&self) -> LoadOptions {
+        LoadOptions {
+            activations: match self.activations {
+                ActivationsArg::F32 => Activations::F32,
+                ActivationsArg::Int8 => Activations::Int8,
+            },
+            quantize: self.quantize.map(|q| match q {
+                QuantizeArg::Q8 => QuantizeTo::Q8,
+                QuantizeArg::Q4 => QuantizeTo::Q4,
+            }),
+        }
+    }
+}
+
 pub fn tokenizer(dir: &Path) -> Result<Tokenizer> {
     Tokenizer::load(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))
 }
 
 /// Maps the checkpoint and builds every layer, showing progress on stderr.
-pub fn model(dir: &Path) -> Result<Model> {
+pub fn model(args: &ModelArgs) -> Result<Model> {
+    let dir = args.dir();
     let t0 = Instant::now();
-    let weights =
-        Weights::open(dir).with_context(|| format!("opening the model at {}", dir.display()))?;
+    let weights = Weights::open_with(&dir, args.options())
+        .with_context(|| format!("opening the model at {}", dir.display()))?;
     let bar = ProgressBar::new(weights.config.num_hidden_layers as u64).with_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -30,6 +79,20 @@ pub fn model(dir: &Path) -> Result<Model> {
     let model = Model::load(&weights, |_| bar.inc(1))
         .with_context(|| format!("loading {}", dir.display()))?;
     bar.finish_and_clear();
-    tracing::info!(model = %dir.display(), secs = t0.elapsed().as_secs_f64(), "loaded");
+    let o = args.options();
+    tracing::info!(
+        model = %dir.display(),
+        gb = weights.loaded_bytes() as f64 / 1e9,
+        secs = t0.elapsed().as_secs_f64(),
+        activations = ?o.activations,
+        quantize = ?o.quantize,
+        "loaded"
+    );
+    if let Some(q) = o.quantize {
+        eprintln!(
+            "quantized dense weights at load to {}-bit affine, group 64",
+            q.bits()
+        );
+    }
     Ok(model)
 }

@@ -1,8 +1,10 @@
 //! `kimi-actors`: the command line over the engine crate.
 
+mod bench;
 mod generate;
 mod inspect;
 mod load;
+mod synth;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -29,6 +31,10 @@ enum Command {
     Logits(inspect::LogitsArgs),
     /// Print the token ids of a text or a rendered chat, as JSON.
     Tokenize(inspect::TokenizeArgs),
+    /// Measure prefill and decode speed against the machine's memory bandwidth.
+    Bench(bench::BenchArgs),
+    /// Write a random-weight MLX checkpoint of a given shape (dry runs, benchmarks).
+    Synth(synth::SynthArgs),
 }
 
 fn main() {
@@ -50,5 +56,7 @@ fn run(command: Command) -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Logits(a) => inspect::logits(a),
         Command::Tokenize(a) => inspect::tokenize(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Synth(a) => synth::run(a),
     }
 }

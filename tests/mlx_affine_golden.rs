@@ -4,6 +4,7 @@
 mod common;
 use common::*;
 use engine::quant::affine::{AffineMatrix, ScaleType};
+use engine::quant::kernels::Activations;
 use engine::weights::Buf;
 
 #[test]
@@ -36,6 +37,7 @@ fn mlx_packed_weights_dequantize_and_multiply_like_mlx() {
             scales: Buf::owned(f32_bytes(&c["scales"])),
             biases: Buf::owned(f32_bytes(&c["biases"])),
             scale_type: ScaleType::F32,
+            activations: Activations::F32,
         };
         let d = max_abs_diff(&m.dequantize(), &floats(&c["dequantized"]));
         assert!(d < 1e-5, "bits {bits} group {group}: dequantize off by {d}");

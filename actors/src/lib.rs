@@ -2,13 +2,15 @@
 //! (bf16, FP8 blocks, MLX affine), the tokenizer and chat template, sampling, and the actors that own
 //! the model's units across machines.
 
+pub mod bench;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod model;
 pub mod quant;
+pub mod synth;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::ModelConfig;
 pub use error::{Error, Result};
-pub mod generate;
-pub mod tokenizer;

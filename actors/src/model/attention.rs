@@ -12,7 +12,6 @@ use crate::model::cache::LatentCache;
 use crate::model::linear::Linear;
 use crate::model::norm::RmsNorm;
 use crate::model::rope::Rope;
-use crate::quant::affine::AffineMatrix;
 use crate::weights::Weights;
 use candle_core::{Device, Tensor};
 use std::ops::Range;
@@ -28,30 +27,23 @@ enum QProj {
 /// Per-head matrices `[h, out, in]` applied head by head: `[h, L, in]` → `[h, L, out]`.
 enum HeadLinear {
     Dense(Tensor),
-    Affine(Vec<AffineMatrix>),
+    /// Matrices the engine's kernels read (affine, bf16), all heads in one parallel region.
+    Kernel(Vec<Linear>),
 }
 
 impl HeadLinear {
     fn from_heads(heads: Vec<Linear>) -> Result<HeadLinear> {
-        if heads.iter().all(|l| matches!(l, Linear::Affine(_))) {
-            let ms = heads
-                .into_iter()
-                .filter_map(|l| match l {
-                    Linear::Affine(m) => Some(m),
-                    Linear::Dense(_) => None,
-                })
-                .collect();
-            return Ok(HeadLinear::Affine(ms));
+        if !heads.iter().any(|l| matches!(l, Linear::Dense(_))) {
+            return Ok(HeadLinear::Kernel(heads));
         }
         let dense: Vec<Tensor> = heads
             .iter()
-            .map(|l| match l {
-                Linear::Dense(w) => Ok(w.clone()),
-                Linear::Affine(m) => Ok(Tensor::from_vec(
-                    m.dequantize(),
-                    (m.rows, m.cols),
+            .map(|l| {
+                Ok(Tensor::from_vec(
+                    l.to_f32()?,
+                    (l.out_dim(), l.in_dim()),
                     &Device::Cpu,
-                )?),
+                )?)
             })
             .collect::<Result<_>>()?;
         Ok(HeadLinear::Dense(Tensor::stack(&dense, 0)?))
@@ -60,18 +52,12 @@ impl HeadLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             HeadLinear::Dense(w) => Ok(x.contiguous()?.matmul(&w.transpose(1, 2)?)?),
-            HeadLinear::Affine(ms) => {
-                let (h, l, cols) = x.dims3()?;
-                let rows = ms[0].rows;
-                let xv: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                let mut y = vec![0f32; h * l * rows];
-                for (i, m) in ms.iter().enumerate() {
-                    m.matmul(
-                        &xv[i * l * cols..(i + 1) * l * cols],
-                        &mut y[i * l * rows..(i + 1) * l * rows],
-                    );
-                }
-                Ok(Tensor::from_vec(y, (h, l, rows), &Device::Cpu)?)
+            HeadLinear::Kernel(heads) => {
+                let xs: Vec<Tensor> = (0..heads.len())
+                    .map(|i| x.get(i))
+                    .collect::<candle_core::Result<_>>()?;
+                let items: Vec<(&Linear, &Tensor)> = heads.iter().zip(&xs).collect();
+                Ok(Tensor::stack(&Linear::forward_many(&items)?, 0)?)
             }
         }
     }
@@ -79,7 +65,7 @@ impl HeadLinear {
     fn weight_bytes(&self) -> usize {
         match self {
             HeadLinear::Dense(w) => w.elem_count() * 4,
-            HeadLinear::Affine(ms) => ms.iter().map(|m| m.weight_bytes()).sum(),
+            HeadLinear::Kernel(heads) => heads.iter().map(|l| l.weight_bytes()).sum(),
         }
     }
 }
@@ -173,11 +159,24 @@ impl Attention {
     /// `(h, m)`: `h = x + attention(input_norm(x))` and `m = post_attention_norm(h)`, the MLP's input.
     pub fn forward(&self, x: &Tensor, segments: &mut [Segment]) -> Result<(Tensor, Tensor)> {
         let xn = self.input_norm.forward(x)?;
-        let q = match &self.q {
-            QProj::Plain(l) => l.forward(&xn)?,
-            QProj::LoRa { a, norm, b } => b.forward(&norm.forward(&a.forward(&xn)?)?)?,
-        }; // [T, h·(n+e)]
-        let kv = self.kv_a.forward(&xn)?; // [T, r+e]
+        // The query and latent projections read the same input: one parallel region.
+        let (q, kv) = match &self.q {
+            QProj::Plain(l) => {
+                let mut o = Linear::forward_many(&[(l, &xn), (&self.kv_a, &xn)])?;
+                let kv = o.pop();
+                (o.pop(), kv)
+            }
+            QProj::LoRa { a, norm, b } => {
+                let mut o = Linear::forward_many(&[(a, &xn), (&self.kv_a, &xn)])?;
+                let kv = o.pop();
+                let qa = o.pop().ok_or_else(|| {
+                    crate::error::Error::Invalid("q_a_proj gave no output".into())
+                })?;
+                (Some(b.forward(&norm.forward(&qa)?)?), kv)
+            }
+        };
+        let missing = || crate::error::Error::Invalid("projection gave no output".into());
+        let (q, kv) = (q.ok_or_else(missing)?, kv.ok_or_else(missing)?); // [T, h·(n+e)], [T, r+e]
         let latent = self.kv_norm.forward(&kv.narrow(1, 0, self.rank)?)?; // [T, r]
         let k_pe = kv.narrow(1, self.rank, self.rope_dim)?; // [T, e]
 

@@ -1,15 +1,21 @@
-//! A weight matrix `[out, in]` applied as `y = x · Wᵀ`: dense f32, or MLX affine codes read in place.
+//! A weight matrix `[out, in]` applied as `y = x · Wᵀ`, in the form that is fast on CPU for its format:
 //!
-//! Dense checkpoints (bf16, f16, FP8 blocks) are widened to f32 once at load: candle's CPU BF16 matmul
-//! would widen both operands on every call, which is an order of magnitude slower.
+//! - **bf16** (bf16 checkpoints, mapped in place; FP8 blocks, dequantized to their bf16-exact values) and
+//!   **MLX affine** codes are read by the engine's kernels. candle 0.11's CPU BF16 matmul would widen both
+//!   operands to f32 on every call instead.
+//! - **f32** (f16/f32 checkpoints, and matrices rebuilt at load such as `kv_b_proj`'s halves) goes through
+//!   candle's matmul.
 
 use crate::error::{Error, Result};
 use crate::quant::affine::AffineMatrix;
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
+use crate::quant::bf16::Bf16Matrix;
+use crate::quant::kernels::{Isa, Job, Weight, matmul_many};
+use candle_core::{Device, Tensor};
 
 #[derive(Clone)]
 pub enum Linear {
     Dense(Tensor),
+    Bf16(Bf16Matrix),
     Affine(AffineMatrix),
 }
 
@@ -25,6 +31,7 @@ impl Linear {
     pub fn out_dim(&self) -> usize {
         match self {
             Linear::Dense(w) => w.dims()[0],
+            Linear::Bf16(m) => m.rows,
             Linear::Affine(m) => m.rows,
         }
     }
@@ -32,6 +39,7 @@ impl Linear {
     pub fn in_dim(&self) -> usize {
         match self {
             Linear::Dense(w) => w.dims()[1],
+            Linear::Bf16(m) => m.cols,
             Linear::Affine(m) => m.cols,
         }
     }
@@ -40,29 +48,75 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         match self {
             Linear::Dense(w) => w.elem_count() * 4,
+            Linear::Bf16(m) => m.weight_bytes(),
             Linear::Affine(m) => m.weight_bytes(),
+        }
+    }
+
+    fn kernel_weight(&self) -> Option<Weight<'_>> {
+        match self {
+            Linear::Dense(_) => None,
+            Linear::Bf16(m) => Some(Weight::Bf16(m)),
+            Linear::Affine(m) => Some(Weight::Affine(m)),
         }
     }
 
     /// `x: [t, in]` → `[t, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, cols) = x.dims2()?;
-        if cols != self.in_dim() {
-            return Err(Error::Invalid(format!(
-                "linear expects {} input columns, got {cols}",
-                self.in_dim()
-            )));
+        let mut out = Linear::forward_many(&[(self, x)])?;
+        out.pop()
+            .ok_or_else(|| Error::Invalid("linear produced no output".into()))
+    }
+
+    /// Applies several matrices to their inputs at once; those the engine's kernels read share one parallel
+    /// region. `items[i] = (W, x)` with `x: [t_i, in_i]` → `[t_i, out_i]`.
+    pub fn forward_many(items: &[(&Linear, &Tensor)]) -> Result<Vec<Tensor>> {
+        for (l, x) in items {
+            let (_, cols) = x.dims2()?;
+            if cols != l.in_dim() {
+                return Err(Error::Invalid(format!(
+                    "linear expects {} input columns, got {cols}",
+                    l.in_dim()
+                )));
+            }
         }
-        Ok(match self {
-            Linear::Dense(w) => x.matmul(&w.t()?)?,
-            Linear::Affine(m) => x.apply_op1_no_bwd(m)?,
-        })
+        let xs: Vec<Vec<f32>> = items
+            .iter()
+            .map(|(l, x)| match l.kernel_weight() {
+                Some(_) => Ok(x.flatten_all()?.to_vec1::<f32>()?),
+                None => Ok(Vec::new()),
+            })
+            .collect::<Result<_>>()?;
+        let mut ys: Vec<Vec<f32>> = items
+            .iter()
+            .zip(&xs)
+            .map(|((l, _), x)| vec![0f32; x.len() / l.in_dim() * l.out_dim()])
+            .collect();
+        let mut jobs: Vec<Job> = items
+            .iter()
+            .zip(&xs)
+            .zip(ys.iter_mut())
+            .filter_map(|(((l, _), x), y)| l.kernel_weight().map(|w| Job { w, x, y }))
+            .collect();
+        matmul_many(Isa::detect(), &mut jobs);
+        items
+            .iter()
+            .zip(ys)
+            .map(|((l, x), y)| match l {
+                Linear::Dense(w) => Ok(x.matmul(&w.t()?)?),
+                _ => {
+                    let t = y.len() / l.out_dim();
+                    Ok(Tensor::from_vec(y, (t, l.out_dim()), &Device::Cpu)?)
+                }
+            })
+            .collect()
     }
 
     /// Row `r` of the matrix (an embedding lookup).
     pub fn row(&self, r: usize) -> Result<Vec<f32>> {
         Ok(match self {
             Linear::Dense(w) => w.get(r)?.to_vec1()?,
+            Linear::Bf16(m) => m.row(r),
             Linear::Affine(m) => {
                 let mut out = vec![0f32; m.cols];
                 m.dequantize_row(r, &mut out);
@@ -75,29 +129,8 @@ impl Linear {
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         Ok(match self {
             Linear::Dense(w) => w.flatten_all()?.to_vec1()?,
+            Linear::Bf16(m) => m.to_f32(),
             Linear::Affine(m) => m.dequantize(),
         })
-    }
-}
-
-impl CustomOp1 for AffineMatrix {
-    fn name(&self) -> &'static str {
-        "affine-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (t, cols) = layout.shape().dims2()?;
-        let x = match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("affine-matmul needs a contiguous f32 input"),
-        };
-        debug_assert_eq!(cols, self.cols);
-        let mut y = vec![0f32; t * self.rows];
-        self.matmul(x, &mut y);
-        Ok((CpuStorage::F32(y), Shape::from((t, self.rows))))
     }
 }

@@ -47,8 +47,28 @@ impl Mlp {
 
     /// `x: [t, hidden]` → `[t, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        let u = self.up.forward(x)?;
-        self.down.forward(&(g * u)?)
+        let mut out = Mlp::forward_many(&[(self, x)])?;
+        Ok(out.remove(0))
+    }
+
+    /// Several MLPs on their own inputs (the experts a batch routes to), each projection stage of all of
+    /// them in one parallel region.
+    pub fn forward_many(items: &[(&Mlp, &Tensor)]) -> Result<Vec<Tensor>> {
+        let mut first: Vec<(&Linear, &Tensor)> = Vec::with_capacity(items.len() * 2);
+        for (m, x) in items {
+            first.push((&m.gate, *x));
+            first.push((&m.up, *x));
+        }
+        let gu = Linear::forward_many(&first)?;
+        let hidden: Vec<Tensor> = gu
+            .chunks_exact(2)
+            .map(|p| Ok((candle_nn::ops::silu(&p[0])? * &p[1])?))
+            .collect::<Result<_>>()?;
+        let second: Vec<(&Linear, &Tensor)> = items
+            .iter()
+            .zip(&hidden)
+            .map(|((m, _), h)| (&m.down, h))
+            .collect();
+        Linear::forward_many(&second)
     }
 }

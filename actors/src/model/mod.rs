@@ -50,9 +50,14 @@ impl Head {
         })
     }
 
+    /// Bytes of the final norm's matrix (`lm_head`), read whole on every step.
     pub fn weight_bytes(&self) -> usize {
-        // One embedding row is read per token; the lm_head is read whole.
         self.lm_head.weight_bytes()
+    }
+
+    /// Bytes of one embedding row.
+    pub fn embed_row_bytes(&self) -> usize {
+        self.embed.weight_bytes() / self.embed.out_dim().max(1)
     }
 
     /// `tokens` → `[T, hidden]`.
@@ -116,13 +121,14 @@ impl Model {
     }
 
     /// Runs the new tokens of every sequence through all layers (appending to their caches) and returns the
-    /// final hidden states `[T, hidden]`, sequences' rows in order.
-    pub fn forward(&self, steps: &mut [SeqStep]) -> Result<Tensor> {
+    /// final hidden states `[T, hidden]`, sequences' rows in order, with the bytes of layer weights read.
+    pub fn forward(&self, steps: &mut [SeqStep]) -> Result<(Tensor, usize)> {
         let tokens: Vec<u32> = steps
             .iter()
             .flat_map(|s| s.tokens.iter().copied())
             .collect();
         let mut x = self.head.embed(&tokens)?;
+        let mut bytes = 0;
         for (l, layer) in self.layers.iter().enumerate() {
             let mut start = 0;
             let mut segments: Vec<Segment> = steps
@@ -137,9 +143,11 @@ impl Model {
                 })
                 .collect();
             let (h, m) = layer.attention.forward(&x, &mut segments)?;
-            x = (h + layer.ffn.forward(&m)?)?;
+            let (mlp, b) = layer.ffn.forward(&m)?;
+            x = (h + mlp)?;
+            bytes += layer.attention.weight_bytes() + b;
         }
-        Ok(x)
+        Ok((x, bytes))
     }
 
     /// Logits of one sequence's tokens appended to `cache`: `[len, vocab]` for every position, or only the last.
@@ -149,13 +157,24 @@ impl Model {
         cache: &mut SequenceCache,
         all_positions: bool,
     ) -> Result<Tensor> {
-        let hidden = self.forward(&mut [SeqStep { tokens, cache }])?;
+        Ok(self.step(tokens, cache, all_positions)?.0)
+    }
+
+    /// [`Model::logits`] plus the bytes of weights the step read (layers, embedding rows, `lm_head`).
+    pub fn step(
+        &self,
+        tokens: &[u32],
+        cache: &mut SequenceCache,
+        all_positions: bool,
+    ) -> Result<(Tensor, usize)> {
+        let (hidden, bytes) = self.forward(&mut [SeqStep { tokens, cache }])?;
         let n = hidden.dims()[0];
         let rows = if all_positions {
             hidden
         } else {
             hidden.narrow(0, n - 1, 1)?
         };
-        self.head.logits(&rows)
+        let head_bytes = self.head.weight_bytes() + tokens.len() * self.head.embed_row_bytes();
+        Ok((self.head.logits(&rows)?, bytes + head_bytes))
     }
 }

@@ -33,7 +33,7 @@ impl Router {
         let g = format!("model.layers.{layer}.mlp.gate");
         let bias = w.vector(&format!("{g}.e_score_correction_bias"), c.n_routed_experts)?;
         Ok(Router {
-            gate: w.matrix(&g, c.n_routed_experts, c.hidden_size)?,
+            gate: w.exact_matrix(&g, c.n_routed_experts, c.hidden_size)?,
             bias,
             top_k: c.num_experts_per_tok,
             n_group: c.n_group,
@@ -41,6 +41,10 @@ impl Router {
             norm_topk_prob: c.norm_topk_prob,
             scaling: c.routed_scaling_factor,
         })
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.gate.weight_bytes() + self.bias.len() * 4
     }
 
     /// `x: [T, hidden]` → `top_k` assignments per token, token-major.
@@ -138,9 +142,24 @@ impl ExpertGroup {
         self.experts.values().map(|m| m.weight_bytes()).sum()
     }
 
-    /// `Σ weight · expert(x[token])` over `assignments`, as `[T, hidden]` (rows without assignments are 0).
+    /// Bytes of weights one application to `assignments` reads: each distinct expert once.
+    pub fn bytes_for(&self, assignments: &[Assignment]) -> usize {
+        let used: std::collections::BTreeSet<u32> = assignments.iter().map(|a| a.expert).collect();
+        used.iter()
+            .filter_map(|e| self.experts.get(&(*e as usize)))
+            .map(|m| m.weight_bytes())
+            .sum()
+    }
+
+    /// `Σ weight · expert(x[token])` over `assignments`, as `[T, hidden]` (rows without assignments are 0),
+    /// plus `shared(x)` when given (the shared expert runs in the same parallel regions).
     /// Tokens are grouped by expert so each expert's weights are read once per call.
-    pub fn forward(&self, x: &Tensor, assignments: &[Assignment]) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        assignments: &[Assignment],
+        shared: Option<&Mlp>,
+    ) -> Result<Tensor> {
         let (t, hidden) = x.dims2()?;
         let mut by_expert: BTreeMap<u32, Vec<(u32, f32)>> = BTreeMap::new();
         for a in assignments {
@@ -149,23 +168,32 @@ impl ExpertGroup {
                 .or_default()
                 .push((a.token, a.weight));
         }
-        let mut out = vec![0f32; t * hidden];
-        for (expert, rows) in by_expert {
-            let mlp = self.experts.get(&(expert as usize)).ok_or_else(|| {
+        let mut inputs = Vec::with_capacity(by_expert.len());
+        for (expert, rows) in &by_expert {
+            let mlp = self.experts.get(&(*expert as usize)).ok_or_else(|| {
                 Error::Invalid(format!(
                     "layer {}: expert {expert} is not held here",
                     self.layer
                 ))
             })?;
-            let idx = Tensor::from_vec(
-                rows.iter().map(|r| r.0).collect::<Vec<u32>>(),
-                rows.len(),
-                &Device::Cpu,
-            )?;
-            let y: Vec<f32> = mlp
-                .forward(&x.index_select(&idx, 0)?)?
-                .flatten_all()?
-                .to_vec1()?;
+            let idx: Vec<u32> = rows.iter().map(|r| r.0).collect();
+            let n = idx.len();
+            inputs.push((
+                mlp,
+                x.index_select(&Tensor::from_vec(idx, n, &Device::Cpu)?, 0)?,
+            ));
+        }
+        let mut items: Vec<(&Mlp, &Tensor)> = inputs.iter().map(|(m, x)| (*m, x)).collect();
+        items.extend(shared.map(|s| (s, x)));
+        let mut outputs = Mlp::forward_many(&items)?;
+        let mut out: Vec<f32> = match shared {
+            Some(_) => outputs
+                .pop()
+                .map_or(Ok(Vec::new()), |s| s.flatten_all()?.to_vec1())?,
+            None => vec![0f32; t * hidden],
+        };
+        for (rows, y) in by_expert.values().zip(outputs) {
+            let y: Vec<f32> = y.flatten_all()?.to_vec1()?;
             for (i, &(token, weight)) in rows.iter().enumerate() {
                 let dst = &mut out[token as usize * hidden..(token as usize + 1) * hidden];
                 for (d, s) in dst.iter_mut().zip(&y[i * hidden..(i + 1) * hidden]) {
@@ -201,20 +229,22 @@ impl Ffn {
         })
     }
 
-    /// `x: [T, hidden]` (post-attention normed) → the MLP output to add to the residual.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x: [T, hidden]` (post-attention normed) → the MLP output to add to the residual, and the bytes of
+    /// weights read.
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, usize)> {
         match self {
-            Ffn::Dense(m) => m.forward(x),
+            Ffn::Dense(m) => Ok((m.forward(x)?, m.weight_bytes())),
             Ffn::Moe {
                 router,
                 experts,
                 shared,
             } => {
-                let routed = experts.forward(x, &router.route(x)?)?;
-                match shared {
-                    Some(s) => Ok((routed + s.forward(x)?)?),
-                    None => Ok(routed),
-                }
+                let assignments = router.route(x)?;
+                let out = experts.forward(x, &assignments, shared.as_ref())?;
+                let bytes = router.weight_bytes()
+                    + experts.bytes_for(&assignments)
+                    + shared.as_ref().map_or(0, |s| s.weight_bytes());
+                Ok((out, bytes))
             }
         }
     }

@@ -2,7 +2,7 @@
 //! codes `q` (`bits` wide) packed as one little-endian bitstream per row (`U32` words in the checkpoint).
 //! Scales and biases are bf16, f16 or f32, shaped `[rows, cols / group]`.
 
-use crate::quant::kernels;
+use crate::quant::kernels::{self, Activations};
 use crate::weights::Buf;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +43,8 @@ pub struct AffineMatrix {
     pub scales: Buf,
     pub biases: Buf,
     pub scale_type: ScaleType,
+    /// f32 (exact) or int8 (fast) activations.
+    pub activations: Activations,
 }
 
 impl AffineMatrix {
@@ -67,6 +69,38 @@ impl AffineMatrix {
             self.scale_type.read(&self.scales, i),
             self.scale_type.read(&self.biases, i),
         )
+    }
+
+    /// Scales and biases of row `r` as f32 (one tight loop per storage type, so it vectorizes).
+    #[inline(always)]
+    pub fn row_scales(&self, r: usize, scales: &mut [f32], biases: &mut [f32]) {
+        let g = self.groups_per_row();
+        let (a, b) = (
+            r * g * self.scale_type.size(),
+            (r + 1) * g * self.scale_type.size(),
+        );
+        for (src, dst) in [
+            (&self.scales[a..b], &mut *scales),
+            (&self.biases[a..b], &mut *biases),
+        ] {
+            match self.scale_type {
+                ScaleType::Bf16 => {
+                    for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                        *d = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                    }
+                }
+                ScaleType::F16 => {
+                    for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                        *d = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                    }
+                }
+                ScaleType::F32 => {
+                    for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                        *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    }
+                }
+            }
+        }
     }
 
     /// Dequantizes row `r` into `out` (`cols` values).
@@ -94,7 +128,7 @@ impl AffineMatrix {
         w
     }
 
-    /// `y[t, rows] = x[t, cols] · Wᵀ` for `t = x.len() / cols` tokens.
+    /// `y[t, rows] = x[t, cols] · Wᵀ` for `t = x.len() / cols` tokens, on this matrix's activation path.
     pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
         kernels::affine_matmul(self, x, y)
     }
@@ -128,6 +162,7 @@ impl AffineMatrix {
             scales: Buf::owned(scales),
             biases: Buf::owned(biases),
             scale_type: ScaleType::F32,
+            activations: Activations::F32,
         }
     }
 }
@@ -152,8 +187,38 @@ pub fn pack(codes: &[u8], bits: u32) -> Vec<u8> {
     out
 }
 
-/// Unpacks `out.len()` codes of `bits` each from the start of `bytes` (scalar reference).
+/// Unpacks `out.len()` codes of `bits` each from the start of `bytes`. Eight codes span exactly `bits` bytes,
+/// so each step reads those bytes as one little-endian word and shifts the codes out.
 pub fn unpack(bytes: &[u8], bits: u32, out: &mut [u8]) {
+    match bits {
+        2 => unpack_words::<2>(bytes, out),
+        3 => unpack_words::<3>(bytes, out),
+        4 => unpack_words::<4>(bytes, out),
+        5 => unpack_words::<5>(bytes, out),
+        6 => unpack_words::<6>(bytes, out),
+        _ => unpack_bits(bytes, bits, out),
+    }
+}
+
+fn unpack_words<const B: usize>(bytes: &[u8], out: &mut [u8]) {
+    let mask = (1u64 << B) - 1;
+    let whole = out.len() / 8 * 8;
+    let (head, rest) = out.split_at_mut(whole);
+    for (o, src) in head.chunks_exact_mut(8).zip(bytes.chunks_exact(B)) {
+        let mut w = [0u8; 8];
+        w[..B].copy_from_slice(src);
+        let v = u64::from_le_bytes(w);
+        for (k, c) in o.iter_mut().enumerate() {
+            *c = ((v >> (k * B)) & mask) as u8;
+        }
+    }
+    if !rest.is_empty() {
+        unpack_bits(&bytes[whole * B / 8..], B as u32, rest);
+    }
+}
+
+/// Bit-serial unpacking: the reference for [`unpack`] and its tail.
+fn unpack_bits(bytes: &[u8], bits: u32, out: &mut [u8]) {
     let mask = (1u64 << bits) - 1;
     let (mut acc, mut n, mut i) = (0u64, 0u32, 0usize);
     for o in out.iter_mut() {
@@ -191,6 +256,9 @@ mod tests {
             let mut back = vec![0u8; 256];
             unpack(&packed, bits, &mut back);
             assert_eq!(back, codes, "bits {bits}");
+            let mut serial = vec![0u8; 250];
+            unpack_bits(&packed, bits, &mut serial);
+            assert_eq!(serial, codes[..250], "bits {bits}");
         }
     }
 

@@ -6,15 +6,45 @@ use crate::config::{AffineParams, ModelConfig, Quantization, SUPPORTED_BITS, SUP
 use crate::error::Result;
 use crate::model::linear::Linear;
 use crate::quant::affine::{AffineMatrix, ScaleType};
+use crate::quant::bf16::Bf16Matrix;
 use crate::quant::fp8;
+use crate::quant::kernels::Activations;
 use crate::weights::Buf;
 use crate::weights::checkpoint::{Checkpoint, TensorView, floats_from_bytes, to_f32_vec};
 use safetensors::tensor::Dtype;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub struct Weights {
     pub config: ModelConfig,
     pub ckpt: Checkpoint,
+    pub options: LoadOptions,
+    /// Weight bytes made resident so far (for progress reports).
+    loaded: AtomicU64,
+}
+
+/// How to hold what is loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// The activation path of MLX affine matmuls (and of anything quantized at load).
+    pub activations: Activations,
+    /// Quantize dense (bf16/f16/f32/FP8) matrices at load into MLX affine, group 64 (router gates stay exact).
+    pub quantize: Option<QuantizeTo>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantizeTo {
+    Q8,
+    Q4,
+}
+
+impl QuantizeTo {
+    pub fn bits(self) -> u32 {
+        match self {
+            QuantizeTo::Q8 => 8,
+            QuantizeTo::Q4 => 4,
+        }
+    }
 }
 
 /// Which matrix of a tensor: the whole 2-D tensor, or slice `index` of a stack of `count`.
@@ -26,9 +56,37 @@ struct Slot {
 
 impl Weights {
     pub fn open(dir: &Path) -> Result<Weights> {
+        Weights::open_with(dir, LoadOptions::default())
+    }
+
+    pub fn open_with(dir: &Path, options: LoadOptions) -> Result<Weights> {
         let config = ModelConfig::load(dir)?;
         let ckpt = Checkpoint::open(dir)?;
-        Ok(Weights { config, ckpt })
+        Ok(Weights {
+            config,
+            ckpt,
+            options,
+            loaded: AtomicU64::new(0),
+        })
+    }
+
+    /// Weight bytes made resident so far.
+    pub fn loaded_bytes(&self) -> u64 {
+        self.loaded.load(Ordering::Relaxed)
+    }
+
+    /// A matrix that `--quantize` leaves exact (router gates: routing decisions stay those of the checkpoint).
+    pub fn exact_matrix(&self, module: &str, rows: usize, cols: usize) -> Result<Linear> {
+        self.load_as(
+            module,
+            Slot {
+                index: 0,
+                count: None,
+            },
+            rows,
+            cols,
+            false,
+        )
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -81,13 +139,52 @@ impl Weights {
     }
 
     fn load(&self, module: &str, slot: Slot, rows: usize, cols: usize) -> Result<Linear> {
+        self.load_as(module, slot, rows, cols, true)
+    }
+
+    fn load_as(
+        &self,
+        module: &str,
+        slot: Slot,
+        rows: usize,
+        cols: usize,
+        may_quantize: bool,
+    ) -> Result<Linear> {
+        let linear = match (self.read(module, slot, rows, cols)?, self.options.quantize) {
+            (l @ (Linear::Dense(_) | Linear::Bf16(_)), Some(q))
+                if may_quantize && cols.is_multiple_of(64) =>
+            {
+                let f: Vec<f32> = l.to_f32()?;
+                let mut m = AffineMatrix::quantize(&f, rows, cols, q.bits(), 64);
+                m.activations = self.options.activations;
+                Linear::Affine(m)
+            }
+            (l, _) => l,
+        };
+        self.loaded
+            .fetch_add(linear.weight_bytes() as u64, Ordering::Relaxed);
+        Ok(linear)
+    }
+
+    fn read(&self, module: &str, slot: Slot, rows: usize, cols: usize) -> Result<Linear> {
         let w = self.ckpt.get(&format!("{module}.weight"))?;
         match w.dtype {
             Dtype::U32 => self
                 .affine(module, &w, slot, rows, cols)
                 .map(Linear::Affine),
             Dtype::F8_E4M3 => self.fp8(module, &w, slot, rows, cols),
-            Dtype::BF16 | Dtype::F16 | Dtype::F32 => {
+            Dtype::BF16 => {
+                check_shape(&w, slot, &[rows, cols])?;
+                let n = rows * cols * 2;
+                let data = w.bytes.slice(slot.index * n..(slot.index + 1) * n);
+                touch_pages(&data);
+                Ok(Linear::Bf16(Bf16Matrix {
+                    rows,
+                    cols,
+                    data: Buf::Mapped(data),
+                }))
+            }
+            Dtype::F16 | Dtype::F32 => {
                 check_shape(&w, slot, &[rows, cols])?;
                 let n = rows * cols * w.dtype.bitsize() / 8;
                 let bytes = &w.bytes[slot.index * n..(slot.index + 1) * n];
@@ -139,7 +236,7 @@ impl Weights {
         let sb = rows * groups * st.size();
         let pb = rows * packed_cols * 4;
         let i = slot.index;
-        Ok(AffineMatrix {
+        let m = AffineMatrix {
             rows,
             cols,
             bits: params.bits,
@@ -148,7 +245,13 @@ impl Weights {
             scales: Buf::Mapped(scales.bytes.slice(i * sb..(i + 1) * sb)),
             biases: Buf::Mapped(biases.bytes.slice(i * sb..(i + 1) * sb)),
             scale_type: st,
-        })
+            activations: self.options.activations,
+        };
+        // Page the codes in now, so the first tokens do not pay for disk reads.
+        for b in [&m.packed, &m.scales, &m.biases] {
+            touch_pages(b);
+        }
+        Ok(m)
     }
 
     fn fp8(
@@ -174,11 +277,9 @@ impl Weights {
         let i = slot.index;
         let scale = &scale_all[i * br * bc..(i + 1) * br * bc];
         let codes = &w.bytes[i * rows * cols..(i + 1) * rows * cols];
-        Linear::dense(
-            fp8::dequantize_blocks(codes, rows, cols, scale, block),
-            rows,
-            cols,
-        )
+        // The dequantized values are bf16-exact (see `fp8::dequantize_blocks`).
+        let w = fp8::dequantize_blocks(codes, rows, cols, scale, block);
+        Ok(Linear::Bf16(Bf16Matrix::from_f32(&w, rows, cols)))
     }
 }
 
@@ -234,4 +335,13 @@ impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Weights({})", self.ckpt.dir().display())
     }
+}
+
+/// Reads one byte per page so a mapped range becomes resident.
+fn touch_pages(bytes: &[u8]) {
+    let mut acc = 0u8;
+    for i in (0..bytes.len()).step_by(4096) {
+        acc ^= bytes[i];
+    }
+    std::hint::black_box(acc);
 }

@@ -5,7 +5,7 @@ mod checkpoint;
 mod loader;
 
 pub use checkpoint::{Checkpoint, MappedBytes, TensorView};
-pub use loader::Weights;
+pub use loader::{LoadOptions, QuantizeTo, Weights};
 
 use std::ops::Deref;
 use std::sync::Arc;

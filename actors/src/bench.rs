@@ -1,0 +1,88 @@
+//! Decode and prefill speed against the machine's memory roofline: decode reads every active weight once per
+//! token, so `bytes per token × tokens/s` over the read bandwidth says how close to the ceiling it runs.
+
+use crate::error::Result;
+use crate::generate::argmax;
+use crate::model::Model;
+use rayon::prelude::*;
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    /// Mean bytes of weights read per decoded token (attention, dense and shared MLPs, router gates, the
+    /// experts actually routed to, one embedding row, lm_head).
+    pub weight_bytes_per_token: f64,
+    /// `weight_bytes_per_token × decode_tok_s`.
+    pub weight_gb_s: f64,
+    /// Measured in-process: a sum over ≥ 1 GiB on all threads, best of three.
+    pub read_bandwidth_gb_s: f64,
+    /// `weight_gb_s / read_bandwidth_gb_s`.
+    pub roofline_fraction: f64,
+}
+
+/// Sums 1 GiB of u64 with every rayon thread; returns the best of three passes in GB/s.
+pub fn read_bandwidth_gb_s() -> f64 {
+    let n = (1usize << 30) / 8;
+    let v: Vec<u64> = (0..n as u64).into_par_iter().collect();
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            let s: u64 = v
+                .par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+                .reduce(|| 0, u64::wrapping_add);
+            std::hint::black_box(s);
+            (n * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Prefills `prompt_tokens` pseudo-random tokens, then decodes `decode_tokens` greedily, one at a time.
+pub fn run(model: &Model, prompt_tokens: usize, decode_tokens: usize) -> Result<BenchReport> {
+    let vocab = model.config.vocab_size as u64;
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let prompt: Vec<u32> = (0..prompt_tokens.max(1))
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab) as u32
+        })
+        .collect();
+    // Warm-up: first-touch allocations and thread start-up stay out of the timings.
+    let mut warm = model.new_cache()?;
+    model.step(&prompt[..prompt.len().min(4)], &mut warm, false)?;
+    model.step(&prompt[..1], &mut warm, false)?;
+
+    let mut cache = model.new_cache()?;
+    let t = Instant::now();
+    let (logits, _) = model.step(&prompt, &mut cache, false)?;
+    let prefill = t.elapsed().as_secs_f64();
+    let mut next = argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
+    let (mut bytes, t) = (0usize, Instant::now());
+    for _ in 0..decode_tokens {
+        let (logits, b) = model.step(&[next], &mut cache, false)?;
+        bytes += b;
+        next = argmax(&logits.flatten_all()?.to_vec1::<f32>()?);
+    }
+    let decode = t.elapsed().as_secs_f64();
+    let decode_tok_s = decode_tokens as f64 / decode.max(1e-9);
+    let per_token = bytes as f64 / decode_tokens.max(1) as f64;
+    let read_bandwidth_gb_s = read_bandwidth_gb_s();
+    let weight_gb_s = per_token * decode_tok_s / 1e9;
+    Ok(BenchReport {
+        prompt_tokens: prompt.len(),
+        decode_tokens,
+        prefill_tok_s: prompt.len() as f64 / prefill.max(1e-9),
+        decode_tok_s,
+        weight_bytes_per_token: per_token,
+        weight_gb_s,
+        read_bandwidth_gb_s,
+        roofline_fraction: weight_gb_s / read_bandwidth_gb_s,
+    })
+}

@@ -1,0 +1,204 @@
+//! The kernels' thread pool. A decode step is a chain of short parallel regions (one per projection stage,
+//! ~50 per token) separated by short sequential work; workers that went to sleep in between would be woken
+//! at the start of every region and miss much of it. Here workers spin (yielding) for a while after a region
+//! before they park, and the calling thread takes tasks too.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long an idle worker keeps looking for the next region before it parks.
+const SPIN: Duration = Duration::from_millis(3);
+
+/// The work of one region: `run(i)` for each task index `i < tasks`.
+type Work = *const (dyn Fn(usize) + Sync);
+
+struct Shared {
+    /// Bumped for each region; workers watch it.
+    generation: AtomicUsize,
+    next: AtomicUsize,
+    tasks: AtomicUsize,
+    /// Workers that finished the current region.
+    finished: AtomicUsize,
+    work: Mutex<Option<SendWork>>,
+    /// A task panicked on a worker; the caller re-raises it.
+    panicked: std::sync::atomic::AtomicBool,
+    parked: Mutex<usize>,
+    wake: Condvar,
+}
+
+#[derive(Clone, Copy)]
+struct SendWork(Work);
+// SAFETY: the pointee is `Sync` and outlives every use: `run` waits for all workers before returning.
+unsafe impl Send for SendWork {}
+
+pub struct Pool {
+    shared: Arc<Shared>,
+    workers: usize,
+    /// One region at a time (several actors in one process may call in concurrently).
+    region: Mutex<()>,
+}
+
+impl Pool {
+    /// The process-wide pool: one worker per core besides the caller (`KIMI_THREADS` overrides the total).
+    pub fn global() -> &'static Pool {
+        static POOL: OnceLock<Pool> = OnceLock::new();
+        POOL.get_or_init(|| {
+            let threads = std::env::var("KIMI_THREADS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            Pool::new(threads.max(1) - 1)
+        })
+    }
+
+    fn new(workers: usize) -> Pool {
+        let shared = Arc::new(Shared {
+            generation: AtomicUsize::new(0),
+            next: AtomicUsize::new(0),
+            tasks: AtomicUsize::new(0),
+            finished: AtomicUsize::new(0),
+            work: Mutex::new(None),
+            panicked: std::sync::atomic::AtomicBool::new(false),
+            parked: Mutex::new(0),
+            wake: Condvar::new(),
+        });
+        for i in 0..workers {
+            let s = shared.clone();
+            // A worker that cannot start only means fewer threads; the caller still runs every task.
+            let _ = std::thread::Builder::new()
+                .name(format!("kimi-kernel-{i}"))
+                .spawn(move || worker(&s));
+        }
+        Pool {
+            shared,
+            workers,
+            region: Mutex::new(()),
+        }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.workers + 1
+    }
+
+    /// Runs `f(i)` for every `i < tasks` on the workers and the calling thread; returns when all are done.
+    pub fn run(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        if self.workers == 0 || tasks <= 1 {
+            (0..tasks).for_each(f);
+            return;
+        }
+        let _region = self.region.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &*self.shared;
+        // SAFETY: erases the borrow's lifetime; the pointer is cleared before this function returns and no
+        // worker touches it after counting itself finished.
+        let work: Work = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Work>(f) };
+        *s.work.lock().unwrap_or_else(|e| e.into_inner()) = Some(SendWork(work));
+        s.tasks.store(tasks, Ordering::Relaxed);
+        s.next.store(0, Ordering::Relaxed);
+        s.finished.store(0, Ordering::Relaxed);
+        s.generation.fetch_add(1, Ordering::Release);
+        if *s.parked.lock().unwrap_or_else(|e| e.into_inner()) > 0 {
+            s.wake.notify_all();
+        }
+        take_tasks(s, f);
+        while s.finished.load(Ordering::Acquire) < self.workers {
+            std::hint::spin_loop();
+        }
+        *s.work.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if s.panicked.swap(false, Ordering::Relaxed) {
+            panic!("a kernel task panicked on a worker thread");
+        }
+    }
+}
+
+fn take_tasks(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
+    let n = s.tasks.load(Ordering::Relaxed);
+    loop {
+        let i = s.next.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        f(i);
+    }
+}
+
+fn worker(s: &Shared) {
+    let mut seen = 0;
+    loop {
+        // Spin, then park, until a new region starts.
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while s.generation.load(Ordering::Acquire) == seen {
+            spins += 1;
+            if spins.is_multiple_of(64) {
+                if start.elapsed() > SPIN {
+                    let mut parked = s.parked.lock().unwrap_or_else(|e| e.into_inner());
+                    *parked += 1;
+                    while s.generation.load(Ordering::Acquire) == seen {
+                        parked = s.wake.wait(parked).unwrap_or_else(|e| e.into_inner());
+                    }
+                    *parked -= 1;
+                    break;
+                }
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        seen = s.generation.load(Ordering::Acquire);
+        let work = *s.work.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(SendWork(w)) = work {
+            // SAFETY: see `Pool::run`; the caller waits for `finished` before dropping the closure.
+            let f = unsafe { &*w };
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| take_tasks(s, f))).is_err()
+            {
+                s.panicked.store(true, Ordering::Relaxed);
+            }
+        }
+        s.finished.fetch_add(1, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn every_task_runs_once_across_many_regions() {
+        let pool = Pool::new(3);
+        for region in 0..200u64 {
+            let hits: Vec<AtomicU64> = (0..37).map(|_| AtomicU64::new(0)).collect();
+            pool.run(37, &|i| {
+                hits[i].fetch_add(region + 1, Ordering::Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == region + 1));
+            if region % 50 == 0 {
+                // Let the workers park, so the next region has to wake them.
+                std::thread::sleep(SPIN * 2);
+            }
+        }
+    }
+
+    #[test]
+    fn concurrent_callers_take_turns() {
+        let pool = Arc::new(Pool::new(1));
+        let total = Arc::new(AtomicU64::new(0));
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let (pool, total) = (pool.clone(), total.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        pool.run(10, &|_| {
+                            total.fetch_add(1, Ordering::Relaxed);
+                        });
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(total.load(Ordering::Relaxed), 4 * 50 * 10);
+    }
+}
