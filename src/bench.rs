@@ -1,5 +1,6 @@
 //! `kimi-actors bench`: prefill and decode speed against the machine's read-bandwidth roofline.
 
+use crate::cluster::ClusterArgs;
 use crate::load::{self, ModelArgs};
 use anyhow::Result;
 use clap::Args;
@@ -8,6 +9,10 @@ use clap::Args;
 pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
+    /// With a placement, measure through its actors and links (per-node traffic, compute vs waiting);
+    /// without, the engine alone against the memory roofline.
+    #[command(flatten)]
+    cluster: ClusterArgs,
     #[arg(long, default_value_t = 64)]
     prompt_tokens: usize,
     #[arg(long, default_value_t = 64)]
@@ -17,7 +22,10 @@ pub struct BenchArgs {
     json: bool,
 }
 
-pub fn run(a: BenchArgs) -> Result<()> {
+pub async fn run(a: BenchArgs) -> Result<()> {
+    if a.cluster.placement.is_some() {
+        return run_cluster(a).await;
+    }
     let model = load::model(&a.model)?;
     let r = engine::bench::run(&model, a.prompt_tokens, a.decode_tokens)?;
     if a.json {
@@ -43,5 +51,38 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "roofline fraction        {:.1} %",
         100.0 * r.roofline_fraction
     );
+    Ok(())
+}
+
+async fn run_cluster(a: BenchArgs) -> Result<()> {
+    let head = crate::cluster::start(&a.cluster, &a.model).await?;
+    let r = engine::bench::run_cluster(&head.runtime, a.prompt_tokens, a.decode_tokens).await?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "placement                {}",
+        head.runtime.plan.source.display()
+    );
+    println!(
+        "prefill                  {:.1} tok/s ({} tokens)",
+        r.prefill_tok_s, r.prompt_tokens
+    );
+    println!(
+        "decode                   {:.2} tok/s ({} tokens)",
+        r.decode_tok_s, r.decode_tokens
+    );
+    println!("per decoded token        messages  KB sent+received  compute ms  waiting on link ms");
+    for n in &r.nodes {
+        println!(
+            "  {:<22} {:>8.1}  {:>16.1}  {:>10.2}  {:>18.2}",
+            n.node,
+            n.messages,
+            n.bytes / 1e3,
+            n.compute_ms,
+            n.wait_ms
+        );
+    }
     Ok(())
 }

@@ -1,17 +1,21 @@
 //! `kimi-actors generate`: stream a completion to stdout.
 
+use crate::cluster::{self, ClusterArgs};
 use crate::load::{self, ModelArgs};
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use engine::generate::{Sampler, SamplingParams, generate};
+use engine::cluster::scheduler::{Event, Scheduler, SchedulerMsg, Submit};
+use engine::generate::SamplingParams;
+use ractor::Actor;
 use std::io::Write;
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Plain text prompt (the model's BOS token is prepended).
     #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
     prompt: Option<String>,
@@ -32,66 +36,61 @@ pub struct GenerateArgs {
     seed: Option<u64>,
 }
 
-pub fn run(a: GenerateArgs) -> Result<()> {
-    let dir = a.model.dir();
-    let tok = load::tokenizer(&dir)?;
+pub async fn run(a: GenerateArgs) -> Result<()> {
+    let plan = cluster::plan(&a.cluster, &a.model)?;
+    let tok = load::tokenizer(&plan.nodes[0].model_dir)?;
     let prompt = crate::inspect::prompt_ids(&tok, a.prompt.as_deref(), a.chat.as_deref())?;
-    let params = SamplingParams {
+    let sampling = SamplingParams {
         temperature: a.temperature,
         top_p: a.top_p,
         top_k: a.top_k,
         seed: a.seed,
     };
-    params.validate()?;
+    sampling.validate()?;
     if a.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
-    let model = load::model(&a.model)?;
-    let mut cache = model.new_cache()?;
-    let mut sampler = Sampler::new(params);
+    let head = cluster::start(&a.cluster, &a.model).await?;
+    let (scheduler, _) = Actor::spawn(None, Scheduler, head.runtime.clone())
+        .await
+        .context("starting the scheduler")?;
+    let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let req = Submit {
+        prompt,
+        max_tokens: a.max_tokens,
+        sampling,
+        eos: tok.eos.clone(),
+        events,
+    };
+    scheduler
+        .call(|r| SchedulerMsg::Submit(Box::new(req), r), None)
+        .await
+        .context("submitting the prompt")?;
     let mut text = tok.stream();
     let mut out = std::io::stdout().lock();
-    let mut write_err = None;
-    let g = generate(
-        &prompt,
-        a.max_tokens,
-        &tok.eos,
-        &mut sampler,
-        |ids| {
-            Ok(model
-                .logits(ids, &mut cache, false)?
-                .flatten_all()?
-                .to_vec1()?)
-        },
-        |id| {
-            let piece = match text.push(id) {
-                Ok(p) => p,
-                Err(e) => {
-                    write_err = Some(anyhow::Error::from(e));
-                    return ControlFlow::Break(());
-                }
-            };
-            if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
-                write_err = Some(e.into());
-                return ControlFlow::Break(());
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token(id) => {
+                out.write_all(text.push(id)?.as_bytes())?;
+                out.flush()?;
             }
-            ControlFlow::Continue(())
-        },
-    )
-    .context("generating")?;
-    if let Some(e) = write_err {
-        return Err(e.context("writing the output"));
+            Event::Done(f) => {
+                writeln!(out, "{}", text.finish())?;
+                eprintln!(
+                    "prefill: {} tokens in {:.3} s ({:.1} tok/s); decode: {} tokens in {:.3} s ({:.1} tok/s); stop: {:?}",
+                    f.prompt_tokens,
+                    f.ttft.as_secs_f64(),
+                    f.prefill_tok_s(),
+                    f.completion_tokens,
+                    f.decode.as_secs_f64(),
+                    f.decode_tok_s(),
+                    f.stop
+                );
+                break;
+            }
+            Event::Error(e) => bail!("generation failed: {e}"),
+        }
     }
-    writeln!(out, "{}", text.finish())?;
-    eprintln!(
-        "prefill: {} tokens in {:.3} s ({:.1} tok/s); decode: {} tokens in {:.3} s ({:.1} tok/s); stop: {:?}",
-        g.prompt_tokens,
-        g.prefill.as_secs_f64(),
-        g.prefill_tok_s(),
-        g.tokens.len(),
-        g.decode.as_secs_f64(),
-        g.decode_tok_s(),
-        g.stop
-    );
+    scheduler.stop(None);
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `kimi-actors logits` and `kimi-actors tokenize`: JSON on stdout, for checks against reference engines.
 
+use crate::cluster::ClusterArgs;
 use crate::load::{self, ModelArgs};
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -11,6 +12,8 @@ use std::path::{Path, PathBuf};
 pub struct LogitsArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Comma-separated prompt ids, run as one forward.
     #[arg(long, value_delimiter = ',', required = true)]
     prompt_ids: Vec<u32>,
@@ -30,19 +33,16 @@ pub struct TokenizeArgs {
     chat: Option<PathBuf>,
 }
 
-pub fn logits(a: LogitsArgs) -> Result<()> {
-    let model = load::model(&a.model)?;
-    let mut cache = model.new_cache()?;
-    let prefill: Vec<Vec<f32>> = model.logits(&a.prompt_ids, &mut cache, true)?.to_vec2()?;
+pub async fn logits(a: LogitsArgs) -> Result<()> {
+    let head = crate::cluster::start(&a.cluster, &a.model).await?;
+    let rt = &head.runtime;
+    let seq = 1;
+    let prefill = rt.step(&[(seq, a.prompt_ids.clone())], true).await?;
     let mut decode = Vec::with_capacity(a.forced_ids.len());
     for &id in &a.forced_ids {
-        decode.push(
-            model
-                .logits(&[id], &mut cache, false)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        );
+        decode.extend(rt.step(&[(seq, vec![id])], false).await?);
     }
+    rt.release(&[seq]).await;
     println!("{}", json!({"prefill": prefill, "decode": decode}));
     Ok(())
 }

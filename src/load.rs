@@ -47,6 +47,28 @@ impl ModelArgs {
         self.model.clone().unwrap_or_else(default_model_dir)
     }
 
+    /// The same options as command-line arguments, for child processes.
+    pub fn forwarded(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(m) = &self.model {
+            v.extend(["--model".to_string(), m.display().to_string()]);
+        }
+        if let ActivationsArg::Int8 = self.activations {
+            v.extend(["--activations".to_string(), "int8".to_string()]);
+        }
+        if let Some(q) = self.quantize {
+            v.extend([
+                "--quantize".to_string(),
+                match q {
+                    QuantizeArg::Q8 => "q8",
+                    QuantizeArg::Q4 => "q4",
+                }
+                .to_string(),
+            ]);
+        }
+        v
+    }
+
     pub fn options(&self) -> LoadOptions {
         LoadOptions {
             activations: match self.activations {

@@ -1,12 +1,15 @@
 //! `kimi-actors`: the command line over the engine crate.
 
 mod bench;
+mod cluster;
 mod generate;
 mod inspect;
 mod load;
+mod node;
+mod placement;
 mod synth;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -35,6 +38,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write a random-weight MLX checkpoint of a given shape (dry runs, benchmarks).
     Synth(synth::SynthArgs),
+    /// Print a placement's resolved plan: per node its layers, experts and bytes of weights.
+    Placement(placement::PlacementArgs),
+    /// Run a worker node of a placement.
+    Node(node::NodeArgs),
 }
 
 fn main() {
@@ -52,11 +59,17 @@ fn main() {
 }
 
 fn run(command: Command) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     match command {
-        Command::Generate(a) => generate::run(a),
-        Command::Logits(a) => inspect::logits(a),
+        Command::Generate(a) => rt.block_on(generate::run(a)),
+        Command::Logits(a) => rt.block_on(inspect::logits(a)),
         Command::Tokenize(a) => inspect::tokenize(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Bench(a) => rt.block_on(bench::run(a)),
         Command::Synth(a) => synth::run(a),
+        Command::Placement(a) => placement::run(a),
+        Command::Node(a) => rt.block_on(node::run(a)),
     }
 }

@@ -44,16 +44,7 @@ pub fn read_bandwidth_gb_s() -> f64 {
 
 /// Prefills `prompt_tokens` pseudo-random tokens, then decodes `decode_tokens` greedily, one at a time.
 pub fn run(model: &Model, prompt_tokens: usize, decode_tokens: usize) -> Result<BenchReport> {
-    let vocab = model.config.vocab_size as u64;
-    let mut s = 0x2545_F491_4F6C_DD1Du64;
-    let prompt: Vec<u32> = (0..prompt_tokens.max(1))
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % vocab) as u32
-        })
-        .collect();
+    let prompt = bench_prompt(prompt_tokens, model.config.vocab_size as u64);
     // Warm-up: first-touch allocations and thread start-up stay out of the timings.
     let mut warm = model.new_cache()?;
     model.step(&prompt[..prompt.len().min(4)], &mut warm, false)?;
@@ -85,4 +76,88 @@ pub fn run(model: &Model, prompt_tokens: usize, decode_tokens: usize) -> Result<
         read_bandwidth_gb_s,
         roofline_fraction: weight_gb_s / read_bandwidth_gb_s,
     })
+}
+
+/// Per node, per decoded token.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeBench {
+    pub node: String,
+    pub messages: f64,
+    pub bytes: f64,
+    /// Time the head waited on this node's link (0 for the head itself).
+    pub wait_ms: f64,
+    /// Time this node computed.
+    pub compute_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterBenchReport {
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub nodes: Vec<NodeBench>,
+}
+
+/// The same measurement through the actors of a placement: prefill, then greedy decoding one token at a
+/// time, with each node's traffic and compute per decoded token.
+pub async fn run_cluster(
+    rt: &crate::cluster::runtime::Runtime,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+) -> Result<ClusterBenchReport> {
+    let prompt = bench_prompt(prompt_tokens, vocab_of(rt));
+    rt.step(&[(1, prompt[..prompt.len().min(4)].to_vec())], false)
+        .await?;
+    rt.release(&[1]).await;
+    let t = Instant::now();
+    let logits = rt.step(&[(2, prompt.clone())], false).await?;
+    let prefill = t.elapsed().as_secs_f64();
+    let mut next = argmax(&logits[0]);
+    let before = rt.traffic().await;
+    let t = Instant::now();
+    for _ in 0..decode_tokens {
+        let logits = rt.step(&[(2, vec![next])], false).await?;
+        next = argmax(&logits[0]);
+    }
+    let decode = t.elapsed().as_secs_f64();
+    let after = rt.traffic().await;
+    rt.release(&[2]).await;
+    let per = decode_tokens.max(1) as f64;
+    let nodes = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| NodeBench {
+            node: a.node.clone(),
+            messages: (a.messages - b.messages) as f64 / per,
+            bytes: ((a.bytes_out + a.bytes_in) - (b.bytes_out + b.bytes_in)) as f64 / per,
+            wait_ms: (a.wait_ns - b.wait_ns) as f64 / 1e6 / per,
+            compute_ms: (a.compute_ns.saturating_sub(b.compute_ns)) as f64 / 1e6 / per,
+        })
+        .collect();
+    Ok(ClusterBenchReport {
+        prompt_tokens: prompt.len(),
+        decode_tokens,
+        prefill_tok_s: prompt.len() as f64 / prefill.max(1e-9),
+        decode_tok_s: decode_tokens as f64 / decode.max(1e-9),
+        nodes,
+    })
+}
+
+fn vocab_of(rt: &crate::cluster::runtime::Runtime) -> u64 {
+    crate::config::ModelConfig::load(&rt.plan.nodes[0].model_dir)
+        .map_or(1000, |c| c.vocab_size as u64)
+}
+
+/// Pseudo-random prompt ids below `vocab`.
+fn bench_prompt(n: usize, vocab: u64) -> Vec<u32> {
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    (0..n.max(1))
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab) as u32
+        })
+        .collect()
 }

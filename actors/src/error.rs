@@ -48,6 +48,10 @@ pub enum Error {
     #[error("invalid request: {0}")]
     Invalid(String),
 
+    /// A node, link or actor of the cluster.
+    #[error("{0}")]
+    Cluster(String),
+
     #[error("tensor math: {0}")]
     Candle(#[from] candle_core::Error),
 }

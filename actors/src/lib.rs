@@ -3,10 +3,12 @@
 //! the model's units across machines.
 
 pub mod bench;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod placement;
 pub mod quant;
 pub mod synth;
 pub mod tokenizer;

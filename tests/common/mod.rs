@@ -96,3 +96,62 @@ pub fn check_reference_logits(model: &Model, cases: &Value, label: &str) -> f32 
     }
     worst
 }
+
+/// A free TCP port on 127.0.0.1 (bound and released: a small race with other tests is accepted).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes a two-node placement (`a` is the head, `b` a worker) on free ports; `extra` is appended.
+/// Both nodes use `model` unless the caller overrides it.
+pub fn two_node_placement(dir: &Path, mode: &str, model: &Path, extra: &str) -> PathBuf {
+    let (a, ad, b, bd) = (free_port(), free_port(), free_port(), free_port());
+    let text = format!(
+        r#"mode = "{mode}"
+secret_env = "KIMI_TEST_SECRET"
+
+[[node]]
+name = "a"
+address = "127.0.0.1:{a}"
+data_address = "127.0.0.1:{ad}"
+memory = "1 GB"
+model = "{m}"
+
+[[node]]
+name = "b"
+address = "127.0.0.1:{b}"
+data_address = "127.0.0.1:{bd}"
+memory = "1 GB"
+model = "{m}"
+{extra}
+"#,
+        m = model.display()
+    );
+    let path = dir.join(format!("{mode}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub const SECRET: &str = "kimi-test-secret";
+
+/// The `kimi-actors` binary with the test secret in its environment.
+pub fn kimi() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_kimi-actors"));
+    c.env("KIMI_TEST_SECRET", SECRET);
+    c
+}
+
+/// Runs `kimi-actors args…` to completion; panics with its stderr on failure.
+pub fn run_ok(args: &[&str]) -> String {
+    let out = kimi().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "kimi-actors {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

@@ -1,14 +1,42 @@
 //! The kernels' thread pool. A decode step is a chain of short parallel regions (one per projection stage,
 //! ~50 per token) separated by short sequential work; workers that went to sleep in between would be woken
 //! at the start of every region and miss much of it. Here workers spin (yielding) for a while after a region
-//! before they park, and the calling thread takes tasks too.
+//! before they park, and the calling thread takes tasks too; it never waits for a worker that did not join.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long an idle worker keeps looking for the next region before it parks.
+/// How long an idle worker keeps looking for the next region before it parks, by default.
 const SPIN: Duration = Duration::from_millis(3);
+
+/// The current spin time in µs: `KIMI_SPIN_US`, [`set_spin`], or [`SPIN`].
+static SPIN_US: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Sets how long idle workers spin before parking. Processes sharing cores (several nodes of a placement
+/// on one machine) should not spin: a spinning worker takes a core another process needs.
+pub fn set_spin(d: Duration) {
+    SPIN_US.store(d.as_micros() as usize, Ordering::Relaxed);
+}
+
+fn spin_time() -> Duration {
+    let us = SPIN_US.load(Ordering::Relaxed);
+    if us != usize::MAX {
+        return Duration::from_micros(us as u64);
+    }
+    match std::env::var("KIMI_SPIN_US")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(v) => {
+            SPIN_US.store(v as usize, Ordering::Relaxed);
+            Duration::from_micros(v)
+        }
+        None => SPIN,
+    }
+}
+
+const CLOSED: usize = 1 << (usize::BITS - 1);
 
 /// The work of one region: `run(i)` for each task index `i < tasks`.
 type Work = *const (dyn Fn(usize) + Sync);
@@ -18,8 +46,9 @@ struct Shared {
     generation: AtomicUsize,
     next: AtomicUsize,
     tasks: AtomicUsize,
-    /// Workers that finished the current region.
-    finished: AtomicUsize,
+    /// Workers inside the current region, plus [`CLOSED`] once the caller has run out of tasks: a worker that
+    /// arrives after that stays out, so the caller never waits for a worker that was asleep.
+    active: AtomicUsize,
     work: Mutex<Option<SendWork>>,
     /// A task panicked on a worker; the caller re-raises it.
     panicked: std::sync::atomic::AtomicBool,
@@ -57,7 +86,7 @@ impl Pool {
             generation: AtomicUsize::new(0),
             next: AtomicUsize::new(0),
             tasks: AtomicUsize::new(0),
-            finished: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
             work: Mutex::new(None),
             panicked: std::sync::atomic::AtomicBool::new(false),
             parked: Mutex::new(0),
@@ -89,19 +118,21 @@ impl Pool {
         }
         let _region = self.region.lock().unwrap_or_else(|e| e.into_inner());
         let s = &*self.shared;
-        // SAFETY: erases the borrow's lifetime; the pointer is cleared before this function returns and no
-        // worker touches it after counting itself finished.
+        // SAFETY: erases the borrow's lifetime; the pointer is cleared before this function returns, after every
+        // worker counted in `active` has left, and no worker enters once the region is closed.
         let work: Work = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Work>(f) };
         *s.work.lock().unwrap_or_else(|e| e.into_inner()) = Some(SendWork(work));
         s.tasks.store(tasks, Ordering::Relaxed);
         s.next.store(0, Ordering::Relaxed);
-        s.finished.store(0, Ordering::Relaxed);
+        // Open the region (a late worker of the last one may still be backing out: keep its count).
+        s.active.fetch_and(!CLOSED, Ordering::SeqCst);
         s.generation.fetch_add(1, Ordering::Release);
         if *s.parked.lock().unwrap_or_else(|e| e.into_inner()) > 0 {
             s.wake.notify_all();
         }
         take_tasks(s, f);
-        while s.finished.load(Ordering::Acquire) < self.workers {
+        s.active.fetch_or(CLOSED, Ordering::SeqCst);
+        while s.active.load(Ordering::Acquire) & !CLOSED != 0 {
             std::hint::spin_loop();
         }
         *s.work.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -127,11 +158,12 @@ fn worker(s: &Shared) {
     loop {
         // Spin, then park, until a new region starts.
         let start = Instant::now();
+        let spin = spin_time();
         let mut spins = 0u32;
         while s.generation.load(Ordering::Acquire) == seen {
             spins += 1;
             if spins.is_multiple_of(64) {
-                if start.elapsed() > SPIN {
+                if start.elapsed() > spin {
                     let mut parked = s.parked.lock().unwrap_or_else(|e| e.into_inner());
                     *parked += 1;
                     while s.generation.load(Ordering::Acquire) == seen {
@@ -146,16 +178,21 @@ fn worker(s: &Shared) {
             }
         }
         seen = s.generation.load(Ordering::Acquire);
+        if s.active.fetch_add(1, Ordering::SeqCst) & CLOSED != 0 {
+            // The caller already ran every task.
+            s.active.fetch_sub(1, Ordering::Release);
+            continue;
+        }
         let work = *s.work.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(SendWork(w)) = work {
-            // SAFETY: see `Pool::run`; the caller waits for `finished` before dropping the closure.
+            // SAFETY: see `Pool::run`; counted in `active`, this worker is waited for before the closure drops.
             let f = unsafe { &*w };
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| take_tasks(s, f))).is_err()
             {
                 s.panicked.store(true, Ordering::Relaxed);
             }
         }
-        s.finished.fetch_add(1, Ordering::Release);
+        s.active.fetch_sub(1, Ordering::Release);
     }
 }
 

@@ -19,8 +19,9 @@ pub struct Weights {
     pub config: ModelConfig,
     pub ckpt: Checkpoint,
     pub options: LoadOptions,
-    /// Weight bytes made resident so far (for progress reports).
+    /// Weight bytes made resident so far, and the tensors they came from (for progress reports).
     loaded: AtomicU64,
+    tensors: AtomicU64,
 }
 
 /// How to hold what is loaded.
@@ -67,12 +68,18 @@ impl Weights {
             ckpt,
             options,
             loaded: AtomicU64::new(0),
+            tensors: AtomicU64::new(0),
         })
     }
 
     /// Weight bytes made resident so far.
     pub fn loaded_bytes(&self) -> u64 {
         self.loaded.load(Ordering::Relaxed)
+    }
+
+    /// Matrices and vectors loaded so far.
+    pub fn loaded_tensors(&self) -> u64 {
+        self.tensors.load(Ordering::Relaxed)
     }
 
     /// A matrix that `--quantize` leaves exact (router gates: routing decisions stay those of the checkpoint).
@@ -163,6 +170,7 @@ impl Weights {
         };
         self.loaded
             .fetch_add(linear.weight_bytes() as u64, Ordering::Relaxed);
+        self.tensors.fetch_add(1, Ordering::Relaxed);
         Ok(linear)
     }
 

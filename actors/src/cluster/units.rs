@@ -1,0 +1,451 @@
+//! One actor per unit of the model on this node: `Attention(l)` (its weights and the latent KV cache of every
+//! live sequence), `Router(l)` (gate, shared expert, and the fan-out to expert groups wherever they live),
+//! `Dense(l)` (the MLP of the first layers) and `ExpertGroup(l)` (the experts of layer `l` held here).
+//! Handlers move the math to the blocking pool, so a busy actor never stalls the async runtime.
+
+use super::link::Link;
+use super::wire::{Floats, Reply, Request, Routed};
+use crate::error::{Error, Result};
+use crate::model::attention::{Attention, Segment};
+use crate::model::cache::LatentCache;
+use crate::model::mlp::Mlp;
+use crate::model::moe::{Assignment, ExpertGroup, Router};
+use candle_core::{Device, Tensor};
+use dashmap::DashMap;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::Instrument;
+
+/// A sequence's id, unique on the head.
+pub type SeqId = u64;
+
+/// Replies carry errors as text: they may have crossed a process boundary.
+pub type Answer<T> = std::result::Result<T, String>;
+
+/// Runs `f` on the blocking pool; a panic becomes an error.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Cluster(format!("compute task failed: {e}")))?
+}
+
+/// Time spent computing on this node's blocking pool (for `bench`).
+#[derive(Default, Debug)]
+pub struct ComputeClock {
+    pub ns: std::sync::atomic::AtomicU64,
+}
+
+impl ComputeClock {
+    async fn time<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let t = Instant::now();
+        let r = blocking(f).await;
+        self.ns.fetch_add(
+            t.elapsed().as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        r
+    }
+}
+
+// ---- Attention(l) ----
+
+pub enum AttentionMsg {
+    /// Rows of `x` are the sequences' new tokens, in order: `(h, post-attention-normed h)`.
+    Forward {
+        seqs: Vec<(SeqId, usize)>,
+        x: Tensor,
+        reply: RpcReplyPort<Answer<(Tensor, Tensor)>>,
+    },
+    /// Drops these sequences' caches.
+    Release(Vec<SeqId>),
+}
+impl ractor::Message for AttentionMsg {}
+
+pub struct AttentionActor;
+
+pub struct AttentionState {
+    unit: Arc<Attention>,
+    width: usize,
+    caches: HashMap<SeqId, LatentCache>,
+    clock: Arc<ComputeClock>,
+}
+
+impl Actor for AttentionActor {
+    type Msg = AttentionMsg;
+    type State = AttentionState;
+    type Arguments = (Arc<Attention>, usize, Arc<ComputeClock>);
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<Self::Msg>,
+        (unit, width, clock): Self::Arguments,
+    ) -> std::result::Result<Self::State, ActorProcessingErr> {
+        Ok(AttentionState {
+            unit,
+            width,
+            caches: HashMap::new(),
+            clock,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> std::result::Result<(), ActorProcessingErr> {
+        match msg {
+            AttentionMsg::Forward { seqs, x, reply } => {
+                let layer = st.unit.layer;
+                let span =
+                    tracing::debug_span!("attention", layer, seqs = seqs.len(), rows = x.dims()[0]);
+                let result = async {
+                    // Move the sequences' caches into the compute task and back.
+                    let mut caches = Vec::with_capacity(seqs.len());
+                    for (s, _) in &seqs {
+                        let c = match st.caches.remove(s) {
+                            Some(c) => c,
+                            None => LatentCache::new(st.width)?,
+                        };
+                        caches.push(c);
+                    }
+                    let unit = st.unit.clone();
+                    let lens: Vec<usize> = seqs.iter().map(|s| s.1).collect();
+                    let (caches, out) = st
+                        .clock
+                        .time(move || {
+                            let mut caches = caches;
+                            let mut start = 0;
+                            let mut segs: Vec<Segment> = caches
+                                .iter_mut()
+                                .zip(&lens)
+                                .map(|(cache, &n)| {
+                                    let rows = start..start + n;
+                                    start += n;
+                                    Segment { rows, cache }
+                                })
+                                .collect();
+                            let out = unit.forward(&x, &mut segs);
+                            Ok((caches, out))
+                        })
+                        .await?;
+                    for ((s, _), c) in seqs.iter().zip(caches) {
+                        st.caches.insert(*s, c);
+                    }
+                    out
+                }
+                .instrument(span)
+                .await;
+                let _ = reply.send(result.map_err(|e| e.to_string()));
+            }
+            AttentionMsg::Release(seqs) => {
+                for s in seqs {
+                    st.caches.remove(&s);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---- Router(l) and Dense(l): the MLP half of a layer ----
+
+pub enum FfnMsg {
+    /// `x`: post-attention-normed rows → the MLP output to add to the residual.
+    Forward {
+        x: Tensor,
+        reply: RpcReplyPort<Answer<Tensor>>,
+    },
+}
+impl ractor::Message for FfnMsg {}
+
+pub struct DenseActor;
+
+impl Actor for DenseActor {
+    type Msg = FfnMsg;
+    type State = (usize, Arc<Mlp>, Arc<ComputeClock>);
+    type Arguments = (usize, Arc<Mlp>, Arc<ComputeClock>);
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> std::result::Result<Self::State, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> std::result::Result<(), ActorProcessingErr> {
+        let FfnMsg::Forward { x, reply } = msg;
+        let (layer, mlp) = (st.0, st.1.clone());
+        let out =
+            st.2.time(move || mlp.forward(&x))
+                .instrument(tracing::debug_span!("dense", layer))
+                .await;
+        let _ = reply.send(out.map_err(|e| e.to_string()));
+        Ok(())
+    }
+}
+
+/// Where a layer's experts live, as seen by its router.
+pub enum ExpertTarget {
+    Local(ActorRef<ExpertsMsg>),
+    Remote(usize),
+}
+
+/// The head's links to other nodes, replaced when a node reconnects.
+#[derive(Default)]
+pub struct Peers {
+    pub links: DashMap<usize, Arc<Link>>,
+    pub names: Vec<String>,
+}
+
+impl Peers {
+    pub fn link(&self, node: usize) -> Result<Arc<Link>> {
+        let name = self.names.get(node).map_or("?", |s| s.as_str());
+        match self.links.get(&node) {
+            Some(l) if l.is_alive() => Ok(l.clone()),
+            _ => Err(Error::Cluster(format!("node `{name}` is down"))),
+        }
+    }
+}
+
+pub struct RouterArgs {
+    pub layer: usize,
+    pub router: Arc<Router>,
+    pub shared: Option<Arc<Mlp>>,
+    /// Node holding each expert, and how to reach each node.
+    pub expert_node: Vec<usize>,
+    pub targets: BTreeMap<usize, ExpertTarget>,
+    pub peers: Arc<Peers>,
+    pub clock: Arc<ComputeClock>,
+}
+
+pub struct RouterActor;
+
+impl Actor for RouterActor {
+    type Msg = FfnMsg;
+    type State = RouterArgs;
+    type Arguments = RouterArgs;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> std::result::Result<Self::State, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> std::result::Result<(), ActorProcessingErr> {
+        let FfnMsg::Forward { x, reply } = msg;
+        let out = route(st, x)
+            .instrument(tracing::debug_span!("router", layer = st.layer))
+            .await;
+        let _ = reply.send(out.map_err(|e| e.to_string()));
+        Ok(())
+    }
+}
+
+/// Top-k per token, one message per node holding chosen experts (with only the rows routed there), the shared
+/// expert computed here meanwhile, and the sum.
+async fn route(st: &RouterArgs, x: Tensor) -> Result<Tensor> {
+    let (t, hidden) = x.dims2()?;
+    let (router, xr) = (st.router.clone(), x.clone());
+    let assignments = st.clock.time(move || router.route(&xr)).await?;
+
+    // Remote nodes get only the rows routed to them, with their (row, expert, weight) triples over those
+    // rows; this node's experts see all rows with the original token indices.
+    let mut local: Vec<Assignment> = Vec::new();
+    let mut per_node: BTreeMap<usize, (Vec<u32>, Vec<Assignment>)> = BTreeMap::new();
+    for a in &assignments {
+        let node = st.expert_node[a.expert as usize];
+        if let Some(ExpertTarget::Local(_)) = st.targets.get(&node) {
+            local.push(*a);
+            continue;
+        }
+        let (rows, assigned) = per_node.entry(node).or_default();
+        let row = match rows.iter().position(|&r| r == a.token) {
+            Some(i) => i,
+            None => {
+                rows.push(a.token);
+                rows.len() - 1
+            }
+        };
+        assigned.push(Assignment {
+            token: row as u32,
+            ..*a
+        });
+    }
+
+    // Remote nodes start at once; this node's experts and the shared expert run while they compute.
+    let mut remote = Vec::new();
+    for (node, (rows, assigned)) in per_node {
+        let Some(ExpertTarget::Remote(n)) = st.targets.get(&node) else {
+            return Err(Error::Cluster(format!(
+                "layer {}: no route to node {node}",
+                st.layer
+            )));
+        };
+        let link = st.peers.link(*n)?;
+        let idx = Tensor::from_vec(rows.clone(), rows.len(), &Device::Cpu)?;
+        let xs = x.index_select(&idx, 0)?;
+        let layer = st.layer as u32;
+        remote.push(async move {
+            let (n_rows, cols) = xs.dims2()?;
+            let req = Request::Experts {
+                layer,
+                cols: cols as u32,
+                hidden: Floats::from_f32(&xs.flatten_all()?.to_vec1::<f32>()?),
+                assignments: assigned
+                    .iter()
+                    .map(|a| Routed {
+                        row: a.token,
+                        expert: a.expert,
+                        weight: a.weight,
+                    })
+                    .collect(),
+            };
+            match link.call(req).await? {
+                Reply::Hidden { data, .. } => Ok((
+                    rows,
+                    Tensor::from_vec(data.to_f32(), (n_rows, cols), &Device::Cpu)?,
+                )),
+                other => Err(Error::Cluster(format!("unexpected reply {other:?}"))),
+            }
+        });
+    }
+    let here = async {
+        let group = st.targets.values().find_map(|t| match t {
+            ExpertTarget::Local(a) => Some(a.clone()),
+            ExpertTarget::Remote(_) => None,
+        });
+        match (group, st.shared.clone()) {
+            (Some(actor), shared) => {
+                let x = x.clone();
+                ask(&actor, "expert group", |reply| ExpertsMsg::Forward {
+                    x,
+                    assignments: local,
+                    shared,
+                    reply,
+                })
+                .await
+            }
+            (None, Some(s)) => {
+                let x = x.clone();
+                st.clock.time(move || s.forward(&x)).await
+            }
+            (None, None) => Ok(Tensor::zeros(
+                (t, hidden),
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )?),
+        }
+    };
+    let (here, there) = futures::join!(here, futures::future::join_all(remote));
+    let mut out: Vec<f32> = here?.flatten_all()?.to_vec1()?;
+    for p in there {
+        let (rows, y) = p?;
+        let y: Vec<f32> = y.flatten_all()?.to_vec1()?;
+        for (i, &r) in rows.iter().enumerate() {
+            let dst = &mut out[r as usize * hidden..(r as usize + 1) * hidden];
+            for (d, s) in dst.iter_mut().zip(&y[i * hidden..(i + 1) * hidden]) {
+                *d += s;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (t, hidden), &Device::Cpu)?)
+}
+
+fn answer<T>(r: ractor::rpc::CallResult<Answer<T>>) -> Result<T> {
+    match r {
+        ractor::rpc::CallResult::Success(Ok(v)) => Ok(v),
+        ractor::rpc::CallResult::Success(Err(e)) => Err(Error::Cluster(e)),
+        ractor::rpc::CallResult::Timeout => Err(Error::Cluster("an actor timed out".into())),
+        ractor::rpc::CallResult::SenderError => Err(Error::Cluster("an actor stopped".into())),
+    }
+}
+
+/// Calls a local actor and unwraps its answer.
+pub async fn ask<M: ractor::Message, T: Send + 'static>(
+    actor: &ActorRef<M>,
+    what: &str,
+    make: impl FnOnce(RpcReplyPort<Answer<T>>) -> M,
+) -> Result<T> {
+    let r = actor
+        .call(make, None)
+        .await
+        .map_err(|e| Error::Cluster(format!("{what}: {e}")))?;
+    answer(r).map_err(|e| Error::Cluster(format!("{what}: {e}")))
+}
+
+// ---- ExpertGroup(l) ----
+
+pub enum ExpertsMsg {
+    /// `Σ weight · expert(x[row])` per row of `x`, over the given assignments (rows index `x`), plus
+    /// `shared(x)` when the router on this node passes its shared expert (one parallel region for both).
+    Forward {
+        x: Tensor,
+        assignments: Vec<Assignment>,
+        shared: Option<Arc<Mlp>>,
+        reply: RpcReplyPort<Answer<Tensor>>,
+    },
+}
+impl ractor::Message for ExpertsMsg {}
+
+pub struct ExpertGroupActor;
+
+impl Actor for ExpertGroupActor {
+    type Msg = ExpertsMsg;
+    type State = (Arc<ExpertGroup>, Arc<ComputeClock>);
+    type Arguments = (Arc<ExpertGroup>, Arc<ComputeClock>);
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> std::result::Result<Self::State, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> std::result::Result<(), ActorProcessingErr> {
+        let ExpertsMsg::Forward {
+            x,
+            assignments,
+            shared,
+            reply,
+        } = msg;
+        let group = st.0.clone();
+        let span = tracing::debug_span!(
+            "experts",
+            layer = group.layer,
+            assignments = assignments.len()
+        );
+        let out =
+            st.1.time(move || group.forward(&x, &assignments, shared.as_deref()))
+                .instrument(span)
+                .await;
+        let _ = reply.send(out.map_err(|e| e.to_string()));
+        Ok(())
+    }
+}

@@ -1,0 +1,199 @@
+//! Faults: a worker with another model or another placement is refused; a peer without the secret cannot
+//! join; a worker killed or frozen mid-generation fails the request within 5 s.
+
+mod common;
+use common::*;
+use std::io::Read;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn worker(placement: &std::path::Path, extra: &[&str], secret: &str) -> Proc {
+    let mut c = kimi();
+    c.args([
+        "node",
+        "--placement",
+        placement.to_str().unwrap(),
+        "--name",
+        "b",
+    ])
+    .args(extra);
+    c.env("KIMI_TEST_SECRET", secret)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    Proc(c.spawn().unwrap())
+}
+
+fn head_fails(args: &[&str]) -> String {
+    let out = kimi().args(args).output().unwrap();
+    assert!(!out.status.success(), "kimi-actors {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn a_worker_with_another_model_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = two_node_placement(
+        dir.path(),
+        "expert-split",
+        &fixture("tiny-kimi-mlx-mixed"),
+        "",
+    );
+    // Node b points at another checkpoint of the same architecture.
+    let text = std::fs::read_to_string(&p).unwrap();
+    let pos = text.rfind("model = ").unwrap();
+    let other = format!(
+        "{}model = \"{}\"\n",
+        &text[..pos],
+        fixture("tiny-kimi-bf16").display()
+    );
+    std::fs::write(&p, other).unwrap();
+    let _b = worker(&p, &[], SECRET);
+    let err = head_fails(&[
+        "logits",
+        "--placement",
+        p.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+        "--wait",
+        "20",
+    ]);
+    assert!(
+        err.contains("refused") && err.contains("node `b` has a different model"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_worker_with_another_placement_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-kimi-mlx-mixed");
+    let p = two_node_placement(dir.path(), "expert-split", &model, "");
+    let theirs = dir.path().join("theirs.toml");
+    std::fs::write(
+        &theirs,
+        std::fs::read_to_string(&p).unwrap() + "[experts]\na = \"0-3\"\nb = \"4-15\"\n",
+    )
+    .unwrap();
+    let _b = worker(&theirs, &[], SECRET);
+    let err = head_fails(&[
+        "logits",
+        "--placement",
+        p.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+        "--wait",
+        "20",
+    ]);
+    assert!(
+        err.contains("refused") && err.contains("different placement"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_worker_without_the_secret_cannot_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = two_node_placement(
+        dir.path(),
+        "expert-split",
+        &fixture("tiny-kimi-mlx-mixed"),
+        "",
+    );
+    let _b = worker(&p, &[], "not-the-secret");
+    let t = Instant::now();
+    let err = head_fails(&[
+        "logits",
+        "--placement",
+        p.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+        "--wait",
+        "4",
+    ]);
+    assert!(err.contains("no authenticated cluster session"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+}
+
+/// Starts a long generation against worker `b`, waits for tokens, applies `fault` to the worker, and
+/// returns how long the head took to fail after it, with its error.
+fn fault_during_generation(mode: &str, fault: impl FnOnce(u32)) -> (Duration, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = two_node_placement(dir.path(), mode, &story_model(), "");
+    let b = worker(&p, &[], SECRET);
+    let mut head = kimi()
+        .args([
+            "generate",
+            "--placement",
+            p.to_str().unwrap(),
+            "--prompt",
+            "ROMEO:",
+            "--max-tokens",
+            "1000000",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 64];
+    head.stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    fault(b.0.id());
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = head.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the head did not fail");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = t.elapsed();
+    assert!(!status.success());
+    let mut err = String::new();
+    head.stderr
+        .as_mut()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    drop(b);
+    (took, err)
+}
+
+#[test]
+fn killing_a_worker_mid_generation_fails_within_5_s() {
+    for mode in ["expert-split", "layer-split"] {
+        let (took, err) = fault_during_generation(mode, |pid| {
+            std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .unwrap();
+        });
+        assert!(took < Duration::from_secs(5), "{mode}: {took:?}");
+        assert!(err.contains("node `b` is down"), "{mode}: {err}");
+    }
+}
+
+#[test]
+fn a_frozen_worker_is_caught_by_the_heartbeat() {
+    let (took, err) = fault_during_generation("expert-split", |pid| {
+        std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap();
+    });
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(err.contains("no heartbeat"), "{err}");
+}
