@@ -20,9 +20,15 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Run this many streams at once through the scheduler (continuous batching).
+    #[arg(long)]
+    concurrency: Option<usize>,
 }
 
 pub async fn run(a: BenchArgs) -> Result<()> {
+    if let Some(n) = a.concurrency {
+        return run_concurrent(a, n).await;
+    }
     if a.cluster.placement.is_some() {
         return run_cluster(a).await;
     }
@@ -84,5 +90,23 @@ async fn run_cluster(a: BenchArgs) -> Result<()> {
             n.wait_ms
         );
     }
+    Ok(())
+}
+
+async fn run_concurrent(a: BenchArgs, n: usize) -> Result<()> {
+    let head = crate::cluster::start(&a.cluster, &a.model).await?;
+    let r =
+        engine::bench::run_concurrent(head.runtime.clone(), n, a.prompt_tokens, a.decode_tokens)
+            .await?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!("streams                  {}", r.concurrency);
+    println!("total                    {:.2} tok/s", r.total_tok_s);
+    println!(
+        "per stream               {:.2} tok/s (mean), first token after {:.0} ms (mean)",
+        r.per_stream_tok_s, r.mean_ttft_ms
+    );
     Ok(())
 }

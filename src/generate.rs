@@ -4,7 +4,7 @@ use crate::cluster::{self, ClusterArgs};
 use crate::load::{self, ModelArgs};
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use engine::cluster::scheduler::{Event, Scheduler, SchedulerMsg, Submit};
+use engine::cluster::scheduler::{Event, Scheduler, SchedulerArgs, SchedulerMsg, Submit};
 use engine::generate::SamplingParams;
 use ractor::Actor;
 use std::io::Write;
@@ -51,7 +51,13 @@ pub async fn run(a: GenerateArgs) -> Result<()> {
         bail!("--max-tokens must be at least 1");
     }
     let head = cluster::start(&a.cluster, &a.model).await?;
-    let (scheduler, _) = Actor::spawn(None, Scheduler, head.runtime.clone())
+    let args = SchedulerArgs {
+        runtime: head.runtime.clone(),
+        prefix_budget: 0,
+        kv_bytes_per_token: 1,
+        stats: Default::default(),
+    };
+    let (scheduler, _) = Actor::spawn(None, Scheduler, args)
         .await
         .context("starting the scheduler")?;
     let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();

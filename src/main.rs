@@ -7,6 +7,7 @@ mod inspect;
 mod load;
 mod node;
 mod placement;
+mod serve;
 mod synth;
 
 use anyhow::{Context, Result};
@@ -42,6 +43,8 @@ enum Command {
     Placement(placement::PlacementArgs),
     /// Run a worker node of a placement.
     Node(node::NodeArgs),
+    /// Serve the model: WebSocket streaming, the OpenAI API, and a page with the cluster view.
+    Serve(serve::ServeArgs),
 }
 
 fn main() {
@@ -71,5 +74,6 @@ fn run(command: Command) -> Result<()> {
         Command::Synth(a) => synth::run(a),
         Command::Placement(a) => placement::run(a),
         Command::Node(a) => rt.block_on(node::run(a)),
+        Command::Serve(a) => rt.block_on(serve::run(a)),
     }
 }

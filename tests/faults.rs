@@ -197,3 +197,97 @@ fn a_frozen_worker_is_caught_by_the_heartbeat() {
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert!(err.contains("no heartbeat"), "{err}");
 }
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn next(ws: &mut Ws) -> serde_json::Value {
+    use futures::StreamExt;
+    let m = tokio::time::timeout(Duration::from_secs(30), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let tokio_tungstenite::tungstenite::Message::Text(t) = m else {
+        panic!("not text")
+    };
+    serde_json::from_str(t.as_str()).unwrap()
+}
+
+/// Under `serve`: a worker killed mid-generation gives the client an error frame within 5 s, the head stays
+/// up (reporting the node down), and once the worker is back the next request succeeds.
+#[test]
+fn the_head_survives_a_worker_and_serves_again_after_its_restart() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let p = two_node_placement(dir.path(), "expert-split", &story_model(), "");
+    let b = worker(&p, &[], SECRET);
+    let server = Server::start(&["--placement", p.to_str().unwrap()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(server.ws_url())
+            .await
+            .unwrap();
+        ws.send(Message::text(
+            r#"{"prompt": "ROMEO:", "max_tokens": 30000}"#,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(next(&mut ws).await["type"], "token");
+        drop(b); // kill -9
+        let t = Instant::now();
+        let error = loop {
+            let f = next(&mut ws).await;
+            if f["type"] == "error" {
+                break f;
+            }
+        };
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("node `b` is down"),
+            "{error}"
+        );
+
+        let http = reqwest::Client::new();
+        let health = http.get(server.url("/health")).send().await.unwrap();
+        assert_eq!(
+            health.status(),
+            503,
+            "the head is up and reports the node down"
+        );
+
+        let _b = worker(&p, &[], SECRET);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http
+            .get(server.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            != 200
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the head did not reconnect the restarted worker"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        ws.send(Message::text(r#"{"prompt": "ROMEO:", "max_tokens": 5}"#))
+            .await
+            .unwrap();
+        let mut tokens = 0;
+        loop {
+            let f = next(&mut ws).await;
+            match f["type"].as_str().unwrap() {
+                "token" => tokens += 1,
+                "done" => break,
+                other => panic!("{other}: {f}"),
+            }
+        }
+        assert_eq!(tokens, 5);
+    });
+}

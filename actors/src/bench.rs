@@ -161,3 +161,83 @@ fn bench_prompt(n: usize, vocab: u64) -> Vec<u32> {
         })
         .collect()
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConcurrencyReport {
+    pub concurrency: usize,
+    pub decode_tokens: usize,
+    /// All streams' tokens over the wall time.
+    pub total_tok_s: f64,
+    /// Mean of each stream's own decode rate.
+    pub per_stream_tok_s: f64,
+    pub mean_ttft_ms: f64,
+}
+
+/// `n` streams at once through the scheduler (continuous batching), each prefilling its own prompt and
+/// decoding `decode_tokens` tokens.
+pub async fn run_concurrent(
+    rt: std::sync::Arc<crate::cluster::runtime::Runtime>,
+    n: usize,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+) -> Result<ConcurrencyReport> {
+    use crate::cluster::scheduler::{Event, Scheduler, SchedulerArgs, SchedulerMsg, Submit};
+    use crate::generate::SamplingParams;
+    let vocab = vocab_of(&rt);
+    let args = SchedulerArgs {
+        runtime: rt,
+        prefix_budget: 0,
+        kv_bytes_per_token: 1,
+        stats: Default::default(),
+    };
+    let (scheduler, _) = ractor::Actor::spawn(None, Scheduler, args)
+        .await
+        .map_err(|e| crate::Error::Cluster(format!("starting the scheduler: {e}")))?;
+    let t = Instant::now();
+    let mut streams = Vec::new();
+    for i in 0..n.max(1) {
+        let mut prompt = bench_prompt(prompt_tokens + i, vocab);
+        prompt.drain(..i); // distinct prompts: no prefix sharing
+        let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        let req = Submit {
+            prompt,
+            max_tokens: decode_tokens.max(1),
+            sampling: SamplingParams::default(),
+            eos: Vec::new(),
+            events,
+        };
+        scheduler
+            .call(|r| SchedulerMsg::Submit(Box::new(req), r), None)
+            .await
+            .map_err(|e| crate::Error::Cluster(format!("submitting: {e}")))?;
+        streams.push(rx);
+    }
+    let mut finishes = Vec::new();
+    for mut rx in streams {
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Done(f) => {
+                    finishes.push(f);
+                    break;
+                }
+                Event::Error(e) => return Err(crate::Error::Cluster(e)),
+                Event::Token(_) => {}
+            }
+        }
+    }
+    let wall = t.elapsed().as_secs_f64();
+    scheduler.stop(None);
+    let k = finishes.len().max(1) as f64;
+    Ok(ConcurrencyReport {
+        concurrency: n,
+        decode_tokens,
+        total_tok_s: finishes.iter().map(|f| f.completion_tokens).sum::<usize>() as f64
+            / wall.max(1e-9),
+        per_stream_tok_s: finishes.iter().map(|f| f.decode_tok_s()).sum::<f64>() / k,
+        mean_ttft_ms: finishes
+            .iter()
+            .map(|f| f.ttft.as_secs_f64() * 1e3)
+            .sum::<f64>()
+            / k,
+    })
+}

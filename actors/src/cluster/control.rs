@@ -25,6 +25,8 @@ pub struct Status {
     pub rss: u64,
     /// Time this node has spent computing since it started.
     pub compute_ns: u64,
+    /// Expert choices of the routers on this node, per layer and expert.
+    pub activations: Vec<Vec<u64>>,
 }
 
 #[derive(RactorClusterMessage)]
@@ -45,6 +47,7 @@ pub struct NodeState {
     pub plan: String,
     pub status: Arc<Mutex<Status>>,
     pub clock: Arc<super::units::ComputeClock>,
+    pub activations: Arc<super::units::Activations>,
 }
 
 impl Actor for NodeActor {
@@ -90,6 +93,7 @@ impl Actor for NodeActor {
                 let mut s = st.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 s.rss = super::node::resident_bytes();
                 s.compute_ns = st.clock.ns.load(std::sync::atomic::Ordering::Relaxed);
+                s.activations = st.activations.snapshot();
                 let _ = reply.send(serde_json::to_string(&s).unwrap_or_default());
             }
         }

@@ -33,6 +33,7 @@ pub struct Shard {
     pub ffn: BTreeMap<usize, ActorRef<FfnMsg>>,
     pub experts: BTreeMap<usize, ActorRef<ExpertsMsg>>,
     pub clock: Arc<ComputeClock>,
+    pub activations: Arc<Activations>,
     pub bytes: u64,
     pub secs: f64,
 }
@@ -60,6 +61,7 @@ pub async fn load_shard(
     opts: LoadOptions,
     peers: Arc<Peers>,
     clock: Arc<ComputeClock>,
+    activations: Arc<Activations>,
     progress: Progress,
 ) -> Result<Shard> {
     let t0 = Instant::now();
@@ -71,6 +73,7 @@ pub async fn load_shard(
         blocking(move || load_units(&dir, &share, opts, total, progress)).await?
     };
     let mut shard = Shard {
+        activations: activations.clone(),
         head: units.head.map(Arc::new),
         attention: BTreeMap::new(),
         ffn: BTreeMap::new(),
@@ -123,6 +126,7 @@ pub async fn load_shard(
                 }
                 let args = RouterArgs {
                     layer,
+                    activations: activations.clone(),
                     router: Arc::new(router),
                     shared: shared.map(Arc::new),
                     expert_node,
@@ -216,6 +220,14 @@ impl Shard {
         Ok(x)
     }
 
+    /// Starts `to` with the first `len` cached tokens of `from` in every attention actor here. Returns once
+    /// every actor has it queued (messages to one actor are handled in order).
+    pub async fn fork(&self, from: SeqId, to: SeqId, len: usize) {
+        for a in self.attention.values() {
+            let _ = a.cast(AttentionMsg::Fork { from, to, len });
+        }
+    }
+
     /// Drops sequences' caches in every attention actor here.
     pub fn release(&self, seqs: &[SeqId]) {
         for a in self.attention.values() {
@@ -280,6 +292,10 @@ impl Shard {
             }
             Request::Release { seqs } => {
                 self.release(&seqs);
+                Ok(Reply::Done)
+            }
+            Request::Fork { from, to, len } => {
+                self.fork(from, to, len as usize).await;
                 Ok(Reply::Done)
             }
         }
@@ -367,7 +383,9 @@ pub async fn run_node(plan: Plan, name: &str, opts: LoadOptions, progress: Progr
     }));
     let _server = start_node_server(name, &info.address, &secret).await?;
     let clock = Arc::new(ComputeClock::default());
+    let activations = Arc::new(Activations::for_plan(&plan));
     let control = NodeState {
+        activations: activations.clone(),
         name: name.to_string(),
         model: model_fingerprint(&info.model_dir)?,
         plan: plan.hash(),
@@ -393,7 +411,17 @@ pub async fn run_node(plan: Plan, name: &str, opts: LoadOptions, progress: Progr
         st.lock().unwrap_or_else(|e| e.into_inner()).bytes = b;
         progress(b, t, n)
     });
-    match load_shard(&plan, me, opts, Arc::new(Peers::default()), clock, report).await {
+    match load_shard(
+        &plan,
+        me,
+        opts,
+        Arc::new(Peers::default()),
+        clock,
+        activations,
+        report,
+    )
+    .await
+    {
         Ok(shard) => {
             {
                 let mut s = status.lock().unwrap_or_else(|e| e.into_inner());

@@ -8,7 +8,7 @@ use super::link::Link;
 use super::node::{
     NODES_GROUP, Progress, Shard, control_name, load_shard, secret, start_node_server,
 };
-use super::units::{ComputeClock, Peers, SeqId, blocking};
+use super::units::{Activations, ComputeClock, Peers, SeqId, blocking};
 use super::wire::{Floats, Reply, Request, SeqTokens};
 use crate::error::{Error, Result};
 use crate::placement::{Plan, model_fingerprint};
@@ -92,6 +92,7 @@ impl Runtime {
             opts.load,
             peers.clone(),
             Arc::new(ComputeClock::default()),
+            Arc::new(Activations::for_plan(&plan)),
             opts.progress,
         );
         let joins = futures::future::join_all((1..plan.nodes.len()).map(|i| {
@@ -210,6 +211,62 @@ impl Runtime {
                 tracing::debug!(node = link.node, error = %err, "release");
             }
         }
+    }
+
+    /// Starts sequence `to` with the first `len` cached tokens of `from`, on every node.
+    pub async fn fork(&self, from: SeqId, to: SeqId, len: usize) -> Result<()> {
+        self.shard.fork(from, to, len).await;
+        for e in self.peers.links.iter() {
+            let link = e.value().clone();
+            link.call(Request::Fork {
+                from,
+                to,
+                len: len as u32,
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// How often each expert of each layer was chosen since start, over every node's routers.
+    pub async fn activations(&self) -> Vec<Vec<u64>> {
+        let mut total = self.shard.activations.snapshot();
+        for i in 1..self.plan.nodes.len() {
+            if let Ok(s) = status_of(&self.plan.nodes[i].name).await {
+                for (t, r) in total.iter_mut().zip(&s.activations) {
+                    for (a, b) in t.iter_mut().zip(r) {
+                        *a += b;
+                    }
+                }
+            }
+        }
+        total
+    }
+
+    /// Each node's latest status (resident memory, bytes held); the head's is measured here.
+    pub async fn statuses(&self) -> Vec<Status> {
+        let mut out = vec![Status {
+            node: self.plan.nodes[0].name.clone(),
+            ready: true,
+            bytes: self.joined[0].bytes,
+            total: self.joined[0].total,
+            secs: self.joined[0].secs,
+            rss: super::node::resident_bytes(),
+            compute_ns: self.shard.clock.ns.load(Ordering::Relaxed),
+            ..Status::default()
+        }];
+        for i in 1..self.plan.nodes.len() {
+            let s = match status_of(&self.plan.nodes[i].name).await {
+                Ok(s) => s,
+                Err(e) => Status {
+                    node: self.plan.nodes[i].name.clone(),
+                    error: Some(e.to_string()),
+                    ..Status::default()
+                },
+            };
+            out.push(s);
+        }
+        out
     }
 
     /// Traffic and compute per node so far (node 0 is the head: no link).

@@ -1,12 +1,17 @@
 //! The token loop on the head. The `Scheduler` holds the live sequences and runs one forward step per
 //! iteration over all of them (new sequences prefill while others decode: continuous batching). Each request
 //! has a `Sequence` actor: its sampler, its stop rules and its client's event stream.
+//!
+//! Finished sequences keep their latent KV cache in a prompt-prefix cache bounded by a memory budget: a new
+//! prompt that starts with cached tokens (the history of a multi-turn chat) starts from a copy of them and
+//! prefills only the rest.
 
 use super::runtime::Runtime;
 use super::units::SeqId;
 use crate::generate::{Sampler, SamplingParams, StopReason};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -49,6 +54,114 @@ impl Finish {
     }
 }
 
+/// Counters for the page and `/metrics`.
+#[derive(Default, Debug)]
+pub struct SchedulerStats {
+    pub live: AtomicU64,
+    pub requests: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+    /// Prompt tokens served from the prefix cache instead of prefilled.
+    pub prefix_tokens: AtomicU64,
+    pub prefix_cached_bytes: AtomicU64,
+    pub steps: AtomicU64,
+    /// Tokens produced per second over recent steps (an f32 in the low bits).
+    pub tok_s: AtomicU64,
+}
+
+impl SchedulerStats {
+    pub fn tok_s(&self) -> f64 {
+        f32::from_bits(self.tok_s.load(Ordering::Relaxed) as u32) as f64
+    }
+}
+
+pub struct SchedulerArgs {
+    pub runtime: Arc<Runtime>,
+    /// Bytes of cached KV the prefix cache may keep.
+    pub prefix_budget: u64,
+    /// Bytes of latent KV one token takes across all layers.
+    pub kv_bytes_per_token: u64,
+    pub stats: Arc<SchedulerStats>,
+}
+
+/// Prompts must share at least this many tokens with a cached sequence to reuse it.
+const MIN_PREFIX: usize = 4;
+
+struct Retained {
+    id: SeqId,
+    tokens: Vec<u32>,
+    used: u64,
+}
+
+/// Finished sequences whose caches are kept, least recently used first out.
+struct PrefixCache {
+    entries: Vec<Retained>,
+    budget: u64,
+    per_token: u64,
+    tick: u64,
+}
+
+impl PrefixCache {
+    fn bytes(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|e| e.tokens.len() as u64 * self.per_token)
+            .sum()
+    }
+
+    /// The cached sequence sharing the longest prefix with `prompt`, and that length (at most all but the
+    /// last prompt token, which must be fed to get logits).
+    fn lookup(&mut self, prompt: &[u32]) -> Option<(SeqId, usize)> {
+        self.tick += 1;
+        let limit = prompt.len().saturating_sub(1);
+        let (i, len) = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                (
+                    i,
+                    e.tokens
+                        .iter()
+                        .zip(prompt)
+                        .take(limit)
+                        .take_while(|(a, b)| a == b)
+                        .count(),
+                )
+            })
+            .max_by_key(|&(_, n)| n)?;
+        if len < MIN_PREFIX {
+            return None;
+        }
+        self.entries[i].used = self.tick;
+        Some((self.entries[i].id, len))
+    }
+
+    /// Keeps a finished sequence; returns the sequences to release (evicted, or this one if it cannot fit).
+    fn insert(&mut self, id: SeqId, tokens: Vec<u32>) -> Vec<SeqId> {
+        self.tick += 1;
+        if tokens.len() as u64 * self.per_token > self.budget || tokens.len() < MIN_PREFIX {
+            return vec![id];
+        }
+        self.entries.push(Retained {
+            id,
+            tokens,
+            used: self.tick,
+        });
+        let mut out = Vec::new();
+        while self.bytes() > self.budget {
+            let (i, _) = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.used)
+                .unwrap_or((0, &self.entries[0]));
+            out.push(self.entries.remove(i).id);
+        }
+        out
+    }
+}
+
 pub enum SchedulerMsg {
     Submit(Box<Submit>, RpcReplyPort<SeqId>),
     /// The client went away or asked to stop: drop the sequence and free its caches.
@@ -63,6 +176,8 @@ struct Live {
     actor: ActorRef<SequenceMsg>,
     /// Tokens to feed at the next step (the prompt, then the last sampled token).
     pending: Vec<u32>,
+    /// Tokens already in the caches.
+    fed: Vec<u32>,
 }
 
 pub struct Scheduler;
@@ -72,23 +187,32 @@ pub struct SchedulerState {
     live: Vec<Live>,
     next: SeqId,
     ticking: bool,
+    prefix: PrefixCache,
+    stats: Arc<SchedulerStats>,
 }
 
 impl Actor for Scheduler {
     type Msg = SchedulerMsg;
     type State = SchedulerState;
-    type Arguments = Arc<Runtime>;
+    type Arguments = SchedulerArgs;
 
     async fn pre_start(
         &self,
         _: ActorRef<Self::Msg>,
-        runtime: Arc<Runtime>,
+        a: SchedulerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(SchedulerState {
-            runtime,
+            runtime: a.runtime,
             live: Vec::new(),
             next: 1,
             ticking: false,
+            prefix: PrefixCache {
+                entries: Vec::new(),
+                budget: a.prefix_budget,
+                per_token: a.kv_bytes_per_token.max(1),
+                tick: 0,
+            },
+            stats: a.stats,
         })
     }
 
@@ -102,9 +226,31 @@ impl Actor for Scheduler {
             SchedulerMsg::Submit(req, reply) => {
                 let id = st.next;
                 st.next += 1;
-                let pending = req.prompt.clone();
+                let mut fed = Vec::new();
+                if let Some((from, len)) = st.prefix.lookup(&req.prompt) {
+                    match st.runtime.fork(from, id, len).await {
+                        Ok(()) => {
+                            fed = req.prompt[..len].to_vec();
+                            st.stats
+                                .prefix_tokens
+                                .fetch_add(len as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "reusing a cached prefix"),
+                    }
+                }
+                let pending = req.prompt[fed.len()..].to_vec();
+                st.stats.requests.fetch_add(1, Ordering::Relaxed);
+                st.stats
+                    .prompt_tokens
+                    .fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
                 let (actor, _) = Actor::spawn(None, Sequence, *req).await?;
-                st.live.push(Live { id, actor, pending });
+                st.live.push(Live {
+                    id,
+                    actor,
+                    pending,
+                    fed,
+                });
+                st.stats.live.store(st.live.len() as u64, Ordering::Relaxed);
                 let _ = reply.send(id);
                 if !st.ticking {
                     st.ticking = true;
@@ -116,6 +262,7 @@ impl Actor for Scheduler {
                     let l = st.live.remove(i);
                     l.actor.stop(None);
                     st.runtime.release(&[id]).await;
+                    st.stats.live.store(st.live.len() as u64, Ordering::Relaxed);
                 }
             }
             SchedulerMsg::Tick => {
@@ -134,6 +281,7 @@ impl Actor for Scheduler {
 
 async fn step(st: &mut SchedulerState) {
     let batch: Vec<(SeqId, Vec<u32>)> = st.live.iter().map(|l| (l.id, l.pending.clone())).collect();
+    let t = Instant::now();
     let logits = match st.runtime.step(&batch, false).await {
         Ok(l) => l,
         Err(e) => {
@@ -144,26 +292,59 @@ async fn step(st: &mut SchedulerState) {
                 let _ = l.actor.cast(SequenceMsg::Fail(message.clone()));
             }
             st.runtime.release(&ids).await;
+            st.stats.live.store(0, Ordering::Relaxed);
             return;
         }
     };
     let mut finished = Vec::new();
+    let mut produced = 0u64;
     for (l, row) in st.live.iter_mut().zip(logits) {
+        let fed = std::mem::take(&mut l.pending);
+        l.fed.extend(fed);
         let next = l.actor.call(|r| SequenceMsg::Logits(row, r), None).await;
         match next {
-            Ok(ractor::rpc::CallResult::Success(Some(tok))) => l.pending = vec![tok],
+            Ok(ractor::rpc::CallResult::Success(Some(tok))) => {
+                l.pending = vec![tok];
+                produced += 1;
+            }
+            Ok(ractor::rpc::CallResult::Success(None)) => {
+                produced += 1;
+                finished.push(l.id);
+            }
             _ => finished.push(l.id),
         }
     }
+    st.stats.steps.fetch_add(1, Ordering::Relaxed);
+    st.stats
+        .completion_tokens
+        .fetch_add(produced, Ordering::Relaxed);
+    let rate = produced as f64 / t.elapsed().as_secs_f64().max(1e-9);
+    let old = st.stats.tok_s();
+    let smoothed = if old == 0.0 {
+        rate
+    } else {
+        0.8 * old + 0.2 * rate
+    };
+    st.stats
+        .tok_s
+        .store((smoothed as f32).to_bits() as u64, Ordering::Relaxed);
     if !finished.is_empty() {
-        st.live.retain(|l| {
-            let done = finished.contains(&l.id);
-            if done {
-                l.actor.stop(None);
+        let mut release = Vec::new();
+        st.live.retain_mut(|l| {
+            if !finished.contains(&l.id) {
+                return true;
             }
-            !done
+            l.actor.stop(None);
+            release.extend(st.prefix.insert(l.id, std::mem::take(&mut l.fed)));
+            false
         });
-        st.runtime.release(&finished).await;
+        if !release.is_empty() {
+            st.runtime.release(&release).await;
+        }
+        st.stats
+            .prefix_cached_bytes
+            .store(st.prefix.bytes(), Ordering::Relaxed);
+        st.stats.live.store(st.live.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -252,5 +433,45 @@ impl Actor for Sequence {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(budget_tokens: u64) -> PrefixCache {
+        PrefixCache {
+            entries: Vec::new(),
+            budget: budget_tokens * 10,
+            per_token: 10,
+            tick: 0,
+        }
+    }
+
+    #[test]
+    fn longest_shared_prefix_wins_and_keeps_a_token_to_feed() {
+        let mut c = cache(100);
+        assert!(c.insert(1, vec![1, 2, 3, 4, 5, 6]).is_empty());
+        assert!(c.insert(2, vec![1, 2, 3, 4, 9, 9, 9]).is_empty());
+        assert_eq!(c.lookup(&[1, 2, 3, 4, 9, 9, 7]), Some((2, 6)));
+        // The whole prompt is cached: all but the last token are reused.
+        assert_eq!(c.lookup(&[1, 2, 3, 4, 5, 6]), Some((1, 5)));
+        assert_eq!(c.lookup(&[1, 2, 3, 8]), None, "below the minimum prefix");
+    }
+
+    #[test]
+    fn the_budget_evicts_least_recently_used() {
+        let mut c = cache(12);
+        assert!(c.insert(1, vec![1; 6]).is_empty());
+        assert!(c.insert(2, vec![2; 6]).is_empty());
+        c.lookup(&[1, 1, 1, 1, 1, 1, 1]);
+        assert_eq!(c.insert(3, vec![3; 6]), vec![2]);
+        assert_eq!(
+            c.insert(4, vec![4; 20]),
+            vec![4],
+            "larger than the whole budget"
+        );
+        assert_eq!(c.bytes(), 120);
     }
 }

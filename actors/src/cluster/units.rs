@@ -65,6 +65,8 @@ pub enum AttentionMsg {
     },
     /// Drops these sequences' caches.
     Release(Vec<SeqId>),
+    /// Starts sequence `to` with the first `len` cached tokens of `from` (a shared prompt prefix).
+    Fork { from: SeqId, to: SeqId, len: usize },
 }
 impl ractor::Message for AttentionMsg {}
 
@@ -150,6 +152,15 @@ impl Actor for AttentionActor {
                     st.caches.remove(&s);
                 }
             }
+            AttentionMsg::Fork { from, to, len } => {
+                match st.caches.get(&from).map(|c| c.prefix(len)) {
+                    Some(Ok(c)) => {
+                        st.caches.insert(to, c);
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, "copying a cached prefix"),
+                    None => {}
+                }
+            }
         }
         Ok(())
     }
@@ -221,8 +232,51 @@ impl Peers {
     }
 }
 
+/// How often each expert of each layer was chosen (the page's heatmap).
+pub struct Activations {
+    pub counts: Vec<Vec<std::sync::atomic::AtomicU64>>,
+}
+
+impl Activations {
+    pub fn new(layers: usize, experts: usize) -> Activations {
+        Activations {
+            counts: (0..layers)
+                .map(|_| {
+                    (0..experts)
+                        .map(|_| std::sync::atomic::AtomicU64::new(0))
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    /// Every layer of the plan, with its number of experts.
+    pub fn for_plan(plan: &crate::placement::Plan) -> Activations {
+        Activations::new(
+            plan.layers.len(),
+            plan.layers
+                .iter()
+                .map(|l| l.experts.len())
+                .max()
+                .unwrap_or(0),
+        )
+    }
+
+    pub fn snapshot(&self) -> Vec<Vec<u64>> {
+        self.counts
+            .iter()
+            .map(|l| {
+                l.iter()
+                    .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+                    .collect()
+            })
+            .collect()
+    }
+}
+
 pub struct RouterArgs {
     pub layer: usize,
+    pub activations: Arc<Activations>,
     pub router: Arc<Router>,
     pub shared: Option<Arc<Mlp>>,
     /// Node holding each expert, and how to reach each node.
@@ -268,6 +322,13 @@ async fn route(st: &RouterArgs, x: Tensor) -> Result<Tensor> {
     let (t, hidden) = x.dims2()?;
     let (router, xr) = (st.router.clone(), x.clone());
     let assignments = st.clock.time(move || router.route(&xr)).await?;
+    if let Some(row) = st.activations.counts.get(st.layer) {
+        for a in &assignments {
+            if let Some(c) = row.get(a.expert as usize) {
+                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
 
     // Remote nodes get only the rows routed to them, with their (row, expert, weight) triples over those
     // rows; this node's experts see all rows with the original token indices.

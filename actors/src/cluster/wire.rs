@@ -54,6 +54,8 @@ pub enum Request {
     },
     /// Drop these sequences' caches.
     Release { seqs: Vec<u64> },
+    /// Start sequence `to` with the first `len` cached tokens of `from`.
+    Fork { from: u64, to: u64, len: u32 },
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]

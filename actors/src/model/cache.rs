@@ -57,9 +57,15 @@ impl LatentCache {
         Ok(self.buf.narrow(0, 0, self.len)?)
     }
 
-    /// Keeps the first `len` tokens (a shared prompt prefix).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+    /// A new cache holding a copy of the first `len` tokens (clones of a tensor share its storage, and
+    /// appends write in place, so a shared prefix must be copied).
+    pub fn prefix(&self, len: usize) -> Result<LatentCache> {
+        let mut c = LatentCache::new(self.width)?;
+        let len = len.min(self.len);
+        if len > 0 {
+            c.append(&self.buf.narrow(0, 0, len)?.copy()?)?;
+        }
+        Ok(c)
     }
 }
 
@@ -110,7 +116,14 @@ mod tests {
         let v = c.view().unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(v[99], vec![99.0; 3]);
         assert_eq!(v[100], vec![0.0, 1.0, 2.0]);
-        c.truncate(50);
-        assert_eq!(c.view().unwrap().dims(), &[50, 3]);
+        let mut p = c.prefix(50).unwrap();
+        assert_eq!(p.view().unwrap().dims(), &[50, 3]);
+        // Appending to the copy leaves the original alone.
+        p.append(&Tensor::from_vec(vec![-1f32; 3], (1, 3), &Device::Cpu).unwrap())
+            .unwrap();
+        assert_eq!(
+            c.view().unwrap().to_vec2::<f32>().unwrap()[50],
+            vec![50.0; 3]
+        );
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod chat;
 pub mod tiktoken;
+pub mod tool_calls;
 
 use crate::error::{Error, Result, read_json};
 use chat::ChatTemplate;
@@ -23,6 +24,7 @@ pub struct Tokenizer {
     backend: Backend,
     path: PathBuf,
     chat: Option<ChatTemplate>,
+    chat_source: Option<String>,
     pub bos: Option<u32>,
     bos_text: String,
     /// Generation stops at any of these.
@@ -65,6 +67,7 @@ impl Tokenizer {
             backend,
             path,
             chat: None,
+            chat_source: None,
             bos: None,
             bos_text: String::new(),
             eos: Vec::new(),
@@ -118,8 +121,14 @@ impl Tokenizer {
         };
         if let Some(t) = template {
             tok.chat = Some(ChatTemplate::new(&t)?);
+            tok.chat_source = Some(t);
         }
         Ok(tok)
+    }
+
+    /// The chat template's source, if the model has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_source.as_deref()
     }
 
     pub fn special_id(&self, text: &str) -> Option<u32> {
