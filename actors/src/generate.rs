@@ -3,8 +3,6 @@
 use crate::error::{Error, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::ops::ControlFlow;
-use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -126,70 +124,6 @@ pub enum StopReason {
     Stopped,
 }
 
-#[derive(Debug, Clone)]
-pub struct Generation {
-    pub tokens: Vec<u32>,
-    pub stop: StopReason,
-    pub prompt_tokens: usize,
-    pub prefill: Duration,
-    pub decode: Duration,
-}
-
-impl Generation {
-    pub fn prefill_tok_s(&self) -> f64 {
-        self.prompt_tokens as f64 / self.prefill.as_secs_f64().max(1e-9)
-    }
-
-    /// Decode rate over the tokens after the first (the first comes out of the prefill).
-    pub fn decode_tok_s(&self) -> f64 {
-        self.tokens.len().saturating_sub(1) as f64 / self.decode.as_secs_f64().max(1e-9)
-    }
-}
-
-/// Runs the token loop. `step(tokens)` feeds new tokens to the model (appending to its cache) and returns
-/// the logits after the last one. `on_token` sees each generated token and may stop the loop.
-pub fn generate(
-    prompt: &[u32],
-    max_tokens: usize,
-    eos: &[u32],
-    sampler: &mut Sampler,
-    mut step: impl FnMut(&[u32]) -> Result<Vec<f32>>,
-    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
-) -> Result<Generation> {
-    if prompt.is_empty() {
-        return Err(Error::Invalid("the prompt is empty".into()));
-    }
-    let t0 = Instant::now();
-    let mut logits = step(prompt)?;
-    let prefill = t0.elapsed();
-    let t1 = Instant::now();
-    let mut tokens = Vec::new();
-    let mut stop = StopReason::MaxTokens;
-    while tokens.len() < max_tokens {
-        let next = sampler.sample(&logits);
-        if eos.contains(&next) {
-            stop = StopReason::Eos;
-            break;
-        }
-        tokens.push(next);
-        if on_token(next).is_break() {
-            stop = StopReason::Stopped;
-            break;
-        }
-        if tokens.len() == max_tokens {
-            break;
-        }
-        logits = step(&[next])?;
-    }
-    Ok(Generation {
-        tokens,
-        stop,
-        prompt_tokens: prompt.len(),
-        prefill,
-        decode: t1.elapsed(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,38 +166,5 @@ mod tests {
             ..Default::default()
         });
         assert!((0..50).all(|_| s.sample(&logits) == 0));
-    }
-
-    #[test]
-    fn loop_stops_at_eos_and_max_tokens() {
-        let mut s = Sampler::new(SamplingParams::default());
-        let mut n = 0;
-        // Logits favour token (n % 5); eos is 3.
-        let g = generate(
-            &[1],
-            10,
-            &[3],
-            &mut s,
-            |_| {
-                n += 1;
-                let mut l = vec![0.0; 5];
-                l[n % 5] = 1.0;
-                Ok(l)
-            },
-            |_| ControlFlow::Continue(()),
-        )
-        .unwrap();
-        assert_eq!(g.tokens, vec![1, 2]);
-        assert_eq!(g.stop, StopReason::Eos);
-        let g = generate(
-            &[1],
-            2,
-            &[],
-            &mut s,
-            |_| Ok(vec![0.0, 1.0]),
-            |_| ControlFlow::Continue(()),
-        )
-        .unwrap();
-        assert_eq!((g.tokens.len(), g.stop), (2, StopReason::MaxTokens));
     }
 }

@@ -197,6 +197,11 @@ impl Link {
         !self.dead.load(Ordering::Relaxed)
     }
 
+    /// Declares the peer down (a node-down event from the control plane): pending requests fail at once.
+    pub fn kill(&self, reason: &str) {
+        fail_all(&self.node, &self.pending, &self.dead, reason);
+    }
+
     /// Sends a request and waits for its reply (or the link's failure).
     pub async fn call(&self, body: Request) -> Result<Reply> {
         if !self.is_alive() {

@@ -120,6 +120,9 @@ impl Runtime {
             peers.links.insert(i + 1, link);
             joined.push(status);
         }
+        if let Some(server) = &server {
+            watch_sessions(server, peers.clone());
+        }
         let reconnect = connector.map(|c| tokio::spawn(reconnect_loop(c, peers.clone())));
         Ok(Runtime {
             plan,
@@ -425,6 +428,40 @@ impl Connector {
         );
         Ok((link, status))
     }
+}
+
+/// ractor_cluster's node-down events: a session that closes takes its node's data link down with it.
+struct SessionEvents(tokio::sync::mpsc::UnboundedSender<String>);
+
+impl ractor_cluster::NodeEventSubscription for SessionEvents {
+    fn node_session_opened(&self, _: ractor_cluster::node::NodeServerSessionInformation) {}
+    fn node_session_authenticated(&self, _: ractor_cluster::node::NodeServerSessionInformation) {}
+    fn node_session_disconnected(&self, ses: ractor_cluster::node::NodeServerSessionInformation) {
+        let name = ses.peer_name.map(|p| p.name).unwrap_or(ses.peer_addr);
+        let _ = self.0.send(name);
+    }
+}
+
+fn watch_sessions(server: &ActorRef<NodeServerMessage>, peers: Arc<Peers>) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sub = NodeServerMessage::SubscribeToEvents {
+        id: "kimi-runtime".into(),
+        subscription: Box::new(SessionEvents(tx)),
+    };
+    if let Err(e) = server.cast(sub) {
+        tracing::warn!(error = %e, "subscribing to node events");
+        return;
+    }
+    tokio::spawn(async move {
+        while let Some(name) = rx.recv().await {
+            tracing::warn!(node = name, "cluster session closed");
+            if let Some(i) = peers.names.iter().position(|n| *n == name)
+                && let Some(link) = peers.links.get(&i)
+            {
+                link.kill("its cluster session closed");
+            }
+        }
+    });
 }
 
 /// Brings nodes whose link is down back once they answer again.
