@@ -41,43 +41,7 @@ fn check(model_dir: std::path::PathBuf, reference: &str, key: &str) {
     let w = Weights::open_with(&model_dir, opts).unwrap();
     let model = Model::load(&w, |_| {}).unwrap();
     let r = json(&fixture(reference));
-    let mut worst = 0f32;
-    for (ci, case) in r[key].as_array().unwrap().iter().enumerate() {
-        let prompt = ids(&case["prompt_ids"]);
-        let mut cache = model.new_cache().unwrap();
-        let got: Vec<Vec<f32>> = model
-            .logits(&prompt, &mut cache, true)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
-        let want = case["prefill_logits"].as_array().unwrap();
-        for (i, row) in want.iter().enumerate() {
-            let what = format!("{key} case {ci} prefill row {i}");
-            worst = worst.max(check_row(
-                &got[got.len() - want.len() + i],
-                &floats(row),
-                &what,
-            ));
-        }
-        for (s, (id, row)) in ids(&case["greedy_ids"])
-            .iter()
-            .zip(case["decode_logits"].as_array().unwrap())
-            .enumerate()
-        {
-            let got: Vec<f32> = model
-                .logits(&[*id], &mut cache, false)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            worst = worst.max(check_row(
-                &got,
-                &floats(row),
-                &format!("{key} case {ci} decode {s}"),
-            ));
-        }
-    }
+    let worst = for_reference_rows(&model, &r[key], key, check_row);
     eprintln!("{key}: int8 path max |Δ| = {worst:.4}");
 }
 

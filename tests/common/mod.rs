@@ -56,6 +56,21 @@ pub fn load_model(dir: &Path) -> Model {
 /// For each reference case: the last 4 prefill positions of one forward over the prompt, then the logits
 /// after feeding each greedy id through the cache, all within `LOGIT_TOLERANCE`. Returns the largest difference.
 pub fn check_reference_logits(model: &Model, cases: &Value, label: &str) -> f32 {
+    for_reference_rows(model, cases, label, |got, want, what| {
+        let d = max_abs_diff(got, want);
+        assert!(d <= LOGIT_TOLERANCE, "{what}: off by {d}");
+        d
+    })
+}
+
+/// Runs `check(got, want, what)` on every reference row (as [`check_reference_logits`] describes) and
+/// returns the largest value it gave.
+pub fn for_reference_rows(
+    model: &Model,
+    cases: &Value,
+    label: &str,
+    check: impl Fn(&[f32], &[f32], &str) -> f32,
+) -> f32 {
     let mut worst = 0f32;
     for (ci, case) in cases.as_array().expect("cases").iter().enumerate() {
         let prompt = ids(&case["prompt_ids"]);
@@ -67,31 +82,25 @@ pub fn check_reference_logits(model: &Model, cases: &Value, label: &str) -> f32 
             .unwrap();
         let want = case["prefill_logits"].as_array().unwrap();
         for (i, row) in want.iter().enumerate() {
-            let d = max_abs_diff(&got[got.len() - want.len() + i], &floats(row));
-            assert!(
-                d <= LOGIT_TOLERANCE,
-                "{label} case {ci}: prefill row {i} off by {d}"
-            );
-            worst = worst.max(d);
+            let what = format!("{label} case {ci} prefill row {i}");
+            worst = worst.max(check(&got[got.len() - want.len() + i], &floats(row), &what));
         }
-        for (step, (id, row)) in ids(&case["greedy_ids"])
-            .iter()
-            .zip(case["decode_logits"].as_array().unwrap())
-            .enumerate()
-        {
+        let steps = ids(&case["greedy_ids"])
+            .into_iter()
+            .zip(case["decode_logits"].as_array().unwrap());
+        for (step, (id, row)) in steps.enumerate() {
             let got: Vec<f32> = model
-                .logits(&[*id], &mut cache, false)
+                .logits(&[id], &mut cache, false)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let d = max_abs_diff(&got, &floats(row));
-            assert!(
-                d <= LOGIT_TOLERANCE,
-                "{label} case {ci}: decode step {step} off by {d}"
-            );
-            worst = worst.max(d);
+            worst = worst.max(check(
+                &got,
+                &floats(row),
+                &format!("{label} case {ci} decode step {step}"),
+            ));
         }
     }
     worst
