@@ -48,6 +48,13 @@ enum Command {
 }
 
 fn main() {
+    // The quantized kernels run on the engine's own pool of spinning workers. candle's CPU ops (attention over
+    // the latent cache, norms) would otherwise fan out on rayon's threads too, and the two pools would take
+    // cores from each other on every step; they run on the calling thread instead, unless the user says.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // SAFETY: the first statement of `main`, before any thread exists.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -4,8 +4,9 @@
 use crate::error::Result;
 use crate::generate::argmax;
 use crate::model::Model;
-use rayon::prelude::*;
+use crate::quant::pool::Pool;
 use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 #[derive(Debug, Clone, Serialize)]
@@ -25,18 +26,21 @@ pub struct BenchReport {
     pub roofline_fraction: f64,
 }
 
-/// Sums 1 GiB of u64 with every rayon thread; returns the best of three passes in GB/s.
+/// Sums 1 GiB of u64 on every thread of the kernels' pool; returns the best of three passes in GB/s.
 pub fn read_bandwidth_gb_s() -> f64 {
     let n = (1usize << 30) / 8;
-    let v: Vec<u64> = (0..n as u64).into_par_iter().collect();
+    // Distinct non-zero values: a zeroed allocation could be backed by one shared zero page.
+    let v: Vec<u64> = (1..=n as u64).collect();
+    let chunks: Vec<&[u64]> = v.chunks(1 << 16).collect();
     (0..3)
         .map(|_| {
+            let total = AtomicU64::new(0);
             let t = Instant::now();
-            let s: u64 = v
-                .par_chunks(1 << 16)
-                .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
-                .reduce(|| 0, u64::wrapping_add);
-            std::hint::black_box(s);
+            Pool::global().run(chunks.len(), &|i| {
+                let s = chunks[i].iter().fold(0u64, |a, &b| a.wrapping_add(b));
+                total.fetch_add(s, Ordering::Relaxed);
+            });
+            std::hint::black_box(total.load(Ordering::Relaxed));
             (n * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
         })
         .fold(0.0, f64::max)

@@ -4,7 +4,6 @@
 //! `make_bench_model.py` writes them; the text they produce is meaningless.
 
 use crate::error::{Error, Result};
-use rayon::prelude::*;
 use serde_json::{Value, json};
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -375,13 +374,26 @@ fn write_shard(
 fn fill(f: Fill, n: usize, seed: u64) -> Vec<u8> {
     let mut buf = vec![0u8; n];
     match f {
-        Fill::Codes => buf.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| {
-            let mut s = seed ^ ((i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
-            for b in c.chunks_mut(8) {
-                let v = splitmix(&mut s).to_le_bytes();
-                b.copy_from_slice(&v[..b.len()]);
-            }
-        }),
+        Fill::Codes => {
+            // 64 KiB blocks, each seeded by its index, spread over the cores.
+            const BLOCK: usize = 1 << 16;
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let per = n.div_ceil(BLOCK).div_ceil(threads).max(1) * BLOCK;
+            std::thread::scope(|scope| {
+                for (t, part) in buf.chunks_mut(per).enumerate() {
+                    scope.spawn(move || {
+                        for (k, c) in part.chunks_mut(BLOCK).enumerate() {
+                            let i = t * per / BLOCK + k;
+                            let mut s = seed ^ ((i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+                            for b in c.chunks_mut(8) {
+                                let v = splitmix(&mut s).to_le_bytes();
+                                b.copy_from_slice(&v[..b.len()]);
+                            }
+                        }
+                    });
+                }
+            });
+        }
         Fill::Bf16(v) => {
             let b = half::bf16::from_f32(v).to_le_bytes();
             buf.chunks_exact_mut(2).for_each(|c| c.copy_from_slice(&b));

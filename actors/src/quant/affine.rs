@@ -71,14 +71,17 @@ impl AffineMatrix {
         )
     }
 
-    /// Scales and biases of row `r` as f32 (one tight loop per storage type, so it vectorizes).
+    /// Scales and biases of rows `rows` as f32, row after row (one tight loop per storage type, so it
+    /// vectorizes).
     #[inline(always)]
-    pub fn row_scales(&self, r: usize, scales: &mut [f32], biases: &mut [f32]) {
-        let g = self.groups_per_row();
-        let (a, b) = (
-            r * g * self.scale_type.size(),
-            (r + 1) * g * self.scale_type.size(),
-        );
+    pub fn rows_scales(
+        &self,
+        rows: std::ops::Range<usize>,
+        scales: &mut [f32],
+        biases: &mut [f32],
+    ) {
+        let (g, size) = (self.groups_per_row(), self.scale_type.size());
+        let (a, b) = (rows.start * g * size, rows.end * g * size);
         for (src, dst) in [
             (&self.scales[a..b], &mut *scales),
             (&self.biases[a..b], &mut *biases),

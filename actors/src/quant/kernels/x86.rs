@@ -1,6 +1,7 @@
 //! x86-64 kernels: AVX2 + FMA, and AVX-512 (F, BW, VL) with VNNI. Callers check the features at run time.
-//! All take `group` a multiple of 32 and slices whose lengths are a multiple of `group` (codes: bytes, or
-//! half as many bytes for packed 4-bit rows).
+//! All take `group` 32, 64 or 128 (the loader refuses others) and slices whose lengths are a multiple of
+//! `group` (codes: bytes, or half as many bytes for packed 4-bit rows). The AVX-512 4-bit kernels have a
+//! 256-bit form for groups of 32 and a 512-bit form for 64 and 128 (one or two 64-code chunks per group).
 
 use super::{Activations, Dots, Out, Prepared, Q8, Weight, rows};
 use std::arch::x86_64::*;
@@ -63,11 +64,49 @@ impl Dots for Avx512 {
         dx: [&[f32]; 4],
         group: usize,
     ) -> [f32; 4] {
-        unsafe { dot4_i8_vnni_x4(row, xq, scales, dx, group) }
+        unsafe {
+            match group {
+                32 => dot4_i8_vnni_x4_g32(row, xq, scales, dx),
+                64 => dot4_i8_x4_zmm::<1>(row, xq, scales, dx),
+                _ => dot4_i8_x4_zmm::<2>(row, xq, scales, dx),
+            }
+        }
     }
     #[inline(always)]
     fn dot4_f32_x4(row: &[u8], x: [&[f32]; 4], scales: &[f32], group: usize) -> [f32; 4] {
-        unsafe { dot4_f32_avx512_x4(row, x, scales, group) }
+        unsafe {
+            match group {
+                32 => dot4_f32_avx512_x4_g32(row, x, scales),
+                64 => dot4_f32_x4_zmm::<1>(row, x, scales),
+                _ => dot4_f32_x4_zmm::<2>(row, x, scales),
+            }
+        }
+    }
+    #[inline(always)]
+    fn dot4_i8_rows4(
+        rows: [&[u8]; 4],
+        xq: Q8,
+        scales: [&[f32]; 4],
+        dx: &[f32],
+        group: usize,
+    ) -> [f32; 4] {
+        unsafe {
+            match group {
+                32 => std::array::from_fn(|i| dot4_i8_vnni_g32(rows[i], xq, scales[i], dx)),
+                64 => dot4_i8_rows4_zmm::<1>(rows, xq, scales, dx),
+                _ => dot4_i8_rows4_zmm::<2>(rows, xq, scales, dx),
+            }
+        }
+    }
+    #[inline(always)]
+    fn dot4_f32_rows4(rows: [&[u8]; 4], x: &[f32], scales: [&[f32]; 4], group: usize) -> [f32; 4] {
+        unsafe {
+            match group {
+                32 => std::array::from_fn(|i| dot4_f32_avx512_g32(rows[i], x, scales[i])),
+                64 => dot4_f32_rows4_zmm::<1>(rows, x, scales),
+                _ => dot4_f32_rows4_zmm::<2>(rows, x, scales),
+            }
+        }
     }
 }
 
@@ -145,52 +184,77 @@ fn nibbles_of_16(b: __m128i) -> __m256i {
 /// Needs AVX-512F; see the module note on lengths.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn dot4_f32_avx512(packed: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
+    unsafe {
+        match group {
+            32 => dot4_f32_avx512_g32(packed, x, scales),
+            64 => dot4_f32_zmm::<1>(packed, x, scales),
+            _ => dot4_f32_zmm::<2>(packed, x, scales),
+        }
+    }
+}
+
+/// [`dot4_f32_avx512`] for groups of `64 · CHUNKS` codes. Each 16 packed bytes widen straight from memory
+/// to 16 lanes; a lane's low nibble is an even code, its high nibble the next odd one, which land 32 apart
+/// in the permuted activations. Two groups per step keep two accumulator chains.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot4_f32_zmm<const CHUNKS: usize>(packed: &[u8], x: &[f32], scales: &[f32]) -> f32 {
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let (p, xp) = (packed.as_ptr(), x.as_ptr());
+    let group = 64 * CHUNKS;
+    let m = _mm512_set1_epi32(0x0f);
+    let one = |g: usize, acc: &mut __m512| unsafe {
+        let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for k in 0..CHUNKS {
+            let j = g * group + 64 * k;
+            for h in 0..2 {
+                let v =
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(j / 2 + 16 * h) as *const __m128i));
+                let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m));
+                let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                a0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp.add(j + 16 * h)), a0);
+                a1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(j + 32 + 16 * h)), a1);
+            }
+        }
+        *acc = _mm512_fmadd_ps(
+            _mm512_add_ps(a0, a1),
+            _mm512_set1_ps(*scales.get_unchecked(g)),
+            *acc,
+        );
+    };
+    let (groups, mut g) = (scales.len(), 0);
+    while g + 2 <= groups {
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(g * group / 2 + PREFETCH) as *const i8) };
+        let [a0, a1] = &mut acc;
+        one(g, a0);
+        one(g + 1, a1);
+        g += 2;
+    }
+    if g < groups {
+        one(g, &mut acc[0]);
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+}
+
+/// [`dot4_f32_avx512`] for groups of 32 (16 bytes of codes per group).
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot4_f32_avx512_g32(packed: &[u8], x: &[f32], scales: &[f32]) -> f32 {
     let mut acc = _mm512_setzero_ps();
     let (p, xp) = (packed.as_ptr(), x.as_ptr());
     let cvt = |v: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
+    let m = _mm_set1_epi8(0x0f);
     for (g, &s) in scales.iter().enumerate() {
-        let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let (base, end) = (g * group, (g + 1) * group);
-        unsafe {
-            if group == 32 {
-                let b = _mm_loadu_si128(p.add(base / 2) as *const __m128i);
-                let m = _mm_set1_epi8(0x0f);
-                a0 = _mm512_fmadd_ps(cvt(_mm_and_si128(b, m)), _mm512_loadu_ps(xp.add(base)), a0);
-                a1 = _mm512_fmadd_ps(
+        let base = g * 32;
+        let (a0, a1) = unsafe {
+            let b = _mm_loadu_si128(p.add(base / 2) as *const __m128i);
+            (
+                _mm512_mul_ps(cvt(_mm_and_si128(b, m)), _mm512_loadu_ps(xp.add(base))),
+                _mm512_mul_ps(
                     cvt(_mm_and_si128(_mm_srli_epi16(b, 4), m)),
                     _mm512_loadu_ps(xp.add(base + 16)),
-                    a1,
-                );
-            } else {
-                let mut j = base;
-                while j < end {
-                    _mm_prefetch::<_MM_HINT_T0>(p.add(j / 2 + PREFETCH) as *const i8);
-                    let (lo, hi) =
-                        split_nibbles(_mm256_loadu_si256(p.add(j / 2) as *const __m256i));
-                    a0 = _mm512_fmadd_ps(
-                        cvt(_mm256_castsi256_si128(lo)),
-                        _mm512_loadu_ps(xp.add(j)),
-                        a0,
-                    );
-                    a1 = _mm512_fmadd_ps(
-                        cvt(_mm256_extracti128_si256(lo, 1)),
-                        _mm512_loadu_ps(xp.add(j + 16)),
-                        a1,
-                    );
-                    a0 = _mm512_fmadd_ps(
-                        cvt(_mm256_castsi256_si128(hi)),
-                        _mm512_loadu_ps(xp.add(j + 32)),
-                        a0,
-                    );
-                    a1 = _mm512_fmadd_ps(
-                        cvt(_mm256_extracti128_si256(hi, 1)),
-                        _mm512_loadu_ps(xp.add(j + 48)),
-                        a1,
-                    );
-                    j += 64;
-                }
-            }
-        }
+                ),
+            )
+        };
         acc = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(s), acc);
     }
     _mm512_reduce_add_ps(acc)
@@ -312,36 +376,95 @@ fn combine(q: __m256i, r: __m256i) -> __m256i {
     )
 }
 
+/// 32 packed bytes (a 64-code chunk) → one register: the low nibbles (even codes) in bytes 0..32, the high
+/// nibbles (odd codes) in bytes 32..64, the order of the permuted activations.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn nibbles_64(p: *const u8) -> __m512i {
+    let b = _mm512_broadcast_i64x4(unsafe { _mm256_loadu_si256(p as *const __m256i) });
+    _mm512_and_si512(
+        _mm512_mask_srli_epi16(b, 0xffff_0000, b, 4),
+        _mm512_set1_epi8(0x0f),
+    )
+}
+
 /// # Safety
-/// Needs AVX-512 VL + VNNI; see the module note on lengths.
-#[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma")]
+/// Needs AVX-512 F/BW/VL + VNNI; see the module note on lengths.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 pub unsafe fn dot4_i8_vnni(packed: &[u8], xq: Q8, scales: &[f32], dx: &[f32], group: usize) -> f32 {
+    unsafe {
+        match group {
+            32 => dot4_i8_vnni_g32(packed, xq, scales, dx),
+            64 => dot4_i8_zmm::<1>(packed, xq, scales, dx),
+            _ => dot4_i8_zmm::<2>(packed, xq, scales, dx),
+        }
+    }
+}
+
+/// [`dot4_i8_vnni`] for groups of `64 · CHUNKS` codes. The coarse and the residual sums are scaled and
+/// accumulated apart (no integer combine per group) and joined once, `254·Σq + Σr`; two groups per step
+/// keep two independent accumulator chains.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn dot4_i8_zmm<const CHUNKS: usize>(
+    packed: &[u8],
+    xq: Q8,
+    scales: &[f32],
+    dx: &[f32],
+) -> f32 {
+    let mut aq = [_mm512_setzero_ps(); 2];
+    let mut ar = [_mm512_setzero_ps(); 2];
+    let (p, q, r) = (packed.as_ptr(), xq.q.as_ptr(), xq.r.as_ptr());
+    let group = 64 * CHUNKS;
+    let one = |g: usize, aq: &mut __m512, ar: &mut __m512| unsafe {
+        let (mut iq, mut ir) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        for k in 0..CHUNKS {
+            let j = g * group + 64 * k;
+            let c = nibbles_64(p.add(j / 2));
+            iq = _mm512_dpbusd_epi32(iq, c, _mm512_loadu_si512(q.add(j) as *const _));
+            ir = _mm512_dpbusd_epi32(ir, c, _mm512_loadu_si512(r.add(j) as *const _));
+        }
+        let sd = _mm512_set1_ps(*scales.get_unchecked(g) * *dx.get_unchecked(g));
+        *aq = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iq), sd, *aq);
+        *ar = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ir), sd, *ar);
+    };
+    let (groups, mut g) = (scales.len().min(dx.len()), 0);
+    while g + 2 <= groups {
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(g * group / 2 + PREFETCH) as *const i8) };
+        let [aq0, aq1] = &mut aq;
+        let [ar0, ar1] = &mut ar;
+        one(g, aq0, ar0);
+        one(g + 1, aq1, ar1);
+        g += 2;
+    }
+    if g < groups {
+        let [aq0, _] = &mut aq;
+        let [ar0, _] = &mut ar;
+        one(g, aq0, ar0);
+    }
+    let (q, r) = (_mm512_add_ps(aq[0], aq[1]), _mm512_add_ps(ar[0], ar[1]));
+    _mm512_reduce_add_ps(_mm512_fmadd_ps(
+        q,
+        _mm512_set1_ps(super::RESIDUAL as f32),
+        r,
+    ))
+}
+
+/// [`dot4_i8_vnni`] for groups of 32 (16 bytes, one 256-bit register of codes per group).
+#[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn dot4_i8_vnni_g32(packed: &[u8], xq: Q8, scales: &[f32], dx: &[f32]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let (p, q, r) = (packed.as_ptr(), xq.q.as_ptr(), xq.r.as_ptr());
     let ld = |a: *const i8| unsafe { _mm256_loadu_si256(a as *const __m256i) };
     for (g, (&s, &d)) in scales.iter().zip(dx).enumerate() {
-        let (mut iq, mut ir) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-        let (base, end) = (g * group, (g + 1) * group);
-        unsafe {
-            if group == 32 {
-                let c = nibbles_of_16(_mm_loadu_si128(p.add(base / 2) as *const __m128i));
-                iq = _mm256_dpbusd_epi32(iq, c, ld(q.add(base)));
-                ir = _mm256_dpbusd_epi32(ir, c, ld(r.add(base)));
-            } else {
-                let mut j = base;
-                while j < end {
-                    _mm_prefetch::<_MM_HINT_T0>(p.add(j / 2 + PREFETCH) as *const i8);
-                    let (lo, hi) =
-                        split_nibbles(_mm256_loadu_si256(p.add(j / 2) as *const __m256i));
-                    // u8 codes × i8 activations, four products summed into each i32 lane.
-                    iq = _mm256_dpbusd_epi32(iq, lo, ld(q.add(j)));
-                    iq = _mm256_dpbusd_epi32(iq, hi, ld(q.add(j + 32)));
-                    ir = _mm256_dpbusd_epi32(ir, lo, ld(r.add(j)));
-                    ir = _mm256_dpbusd_epi32(ir, hi, ld(r.add(j + 32)));
-                    j += 64;
-                }
-            }
-        }
+        let base = g * 32;
+        let (iq, ir) = unsafe {
+            let c = nibbles_of_16(_mm_loadu_si128(p.add(base / 2) as *const __m128i));
+            (
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, ld(q.add(base))),
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, ld(r.add(base))),
+            )
+        };
         acc = _mm256_fmadd_ps(
             _mm256_cvtepi32_ps(combine(iq, ir)),
             _mm256_set1_ps(s * d),
@@ -451,60 +574,207 @@ pub unsafe fn dot_i8_avx2(codes: &[u8], xq: Q8, scales: &[f32], dx: &[f32], grou
     hsum256(acc)
 }
 
-/// # Safety
-/// Needs AVX-512 VL + VNNI; see the module note on lengths (for every token's slices).
+/// [`Dots::dot4_i8_x4`] for groups of 32.
 #[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma")]
-pub unsafe fn dot4_i8_vnni_x4(
+unsafe fn dot4_i8_vnni_x4_g32(
     packed: &[u8],
     xq: [Q8; 4],
     scales: &[f32],
     dx: [&[f32]; 4],
-    group: usize,
 ) -> [f32; 4] {
     let mut acc = [_mm256_setzero_ps(); 4];
     let p = packed.as_ptr();
     let ld =
         |a: &[i8], at: usize| unsafe { _mm256_loadu_si256(a.as_ptr().add(at) as *const __m256i) };
     for (g, &s) in scales.iter().enumerate() {
-        let mut iq = [_mm256_setzero_si256(); 4];
-        let mut ir = [_mm256_setzero_si256(); 4];
-        let (base, end) = (g * group, (g + 1) * group);
-        unsafe {
-            if group == 32 {
-                let c = nibbles_of_16(_mm_loadu_si128(p.add(base / 2) as *const __m128i));
-                for k in 0..4 {
-                    iq[k] = _mm256_dpbusd_epi32(iq[k], c, ld(xq[k].q, base));
-                    ir[k] = _mm256_dpbusd_epi32(ir[k], c, ld(xq[k].r, base));
-                }
-            } else {
-                let mut j = base;
-                while j < end {
-                    let (lo, hi) =
-                        split_nibbles(_mm256_loadu_si256(p.add(j / 2) as *const __m256i));
-                    for k in 0..4 {
-                        iq[k] = _mm256_dpbusd_epi32(iq[k], lo, ld(xq[k].q, j));
-                        iq[k] = _mm256_dpbusd_epi32(iq[k], hi, ld(xq[k].q, j + 32));
-                        ir[k] = _mm256_dpbusd_epi32(ir[k], lo, ld(xq[k].r, j));
-                        ir[k] = _mm256_dpbusd_epi32(ir[k], hi, ld(xq[k].r, j + 32));
-                    }
-                    j += 64;
-                }
-            }
-        }
+        let base = g * 32;
+        let c = nibbles_of_16(unsafe { _mm_loadu_si128(p.add(base / 2) as *const __m128i) });
         for k in 0..4 {
+            let iq = _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, ld(xq[k].q, base));
+            let ir = _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, ld(xq[k].r, base));
             acc[k] = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(combine(iq[k], ir[k])),
+                _mm256_cvtepi32_ps(combine(iq, ir)),
                 _mm256_set1_ps(s * dx[k][g]),
                 acc[k],
             );
         }
     }
-    [
-        hsum256(acc[0]),
-        hsum256(acc[1]),
-        hsum256(acc[2]),
-        hsum256(acc[3]),
-    ]
+    acc.map(|v| hsum256(v))
+}
+
+// ---- four tokens per pass, groups of 64 or 128 ----
+
+/// [`dot4_i8_zmm`] for four tokens: each 64-code chunk of the row is unpacked once for all four.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn dot4_i8_x4_zmm<const CHUNKS: usize>(
+    row: &[u8],
+    xq: [Q8; 4],
+    scales: &[f32],
+    dx: [&[f32]; 4],
+) -> [f32; 4] {
+    let mut aq = [_mm512_setzero_ps(); 4];
+    let mut ar = [_mm512_setzero_ps(); 4];
+    let p = row.as_ptr();
+    let q = xq.map(|x| x.q.as_ptr());
+    let r = xq.map(|x| x.r.as_ptr());
+    let group = 64 * CHUNKS;
+    for (g, &s) in scales.iter().enumerate() {
+        let mut iq = [_mm512_setzero_si512(); 4];
+        let mut ir = [_mm512_setzero_si512(); 4];
+        for k in 0..CHUNKS {
+            let j = g * group + 64 * k;
+            unsafe {
+                let c = nibbles_64(p.add(j / 2));
+                for t in 0..4 {
+                    iq[t] =
+                        _mm512_dpbusd_epi32(iq[t], c, _mm512_loadu_si512(q[t].add(j) as *const _));
+                    ir[t] =
+                        _mm512_dpbusd_epi32(ir[t], c, _mm512_loadu_si512(r[t].add(j) as *const _));
+                }
+            }
+        }
+        for t in 0..4 {
+            let sd = _mm512_set1_ps(s * unsafe { *dx[t].get_unchecked(g) });
+            aq[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iq[t]), sd, aq[t]);
+            ar[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ir[t]), sd, ar[t]);
+        }
+    }
+    let k = _mm512_set1_ps(super::RESIDUAL as f32);
+    std::array::from_fn(|t| _mm512_reduce_add_ps(_mm512_fmadd_ps(aq[t], k, ar[t])))
+}
+
+/// [`dot4_f32_zmm`] for four tokens: each 16 packed bytes are widened and converted once for all four.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot4_f32_x4_zmm<const CHUNKS: usize>(
+    row: &[u8],
+    x: [&[f32]; 4],
+    scales: &[f32],
+) -> [f32; 4] {
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let p = row.as_ptr();
+    let xp = x.map(|x| x.as_ptr());
+    let group = 64 * CHUNKS;
+    let m = _mm512_set1_epi32(0x0f);
+    for (g, &s) in scales.iter().enumerate() {
+        let mut a = [_mm512_setzero_ps(); 4];
+        let mut b = [_mm512_setzero_ps(); 4];
+        for k in 0..CHUNKS {
+            let j = g * group + 64 * k;
+            for h in 0..2 {
+                unsafe {
+                    let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                        p.add(j / 2 + 16 * h) as *const __m128i
+                    ));
+                    let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m));
+                    let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                    for t in 0..4 {
+                        a[t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp[t].add(j + 16 * h)), a[t]);
+                        b[t] =
+                            _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp[t].add(j + 32 + 16 * h)), b[t]);
+                    }
+                }
+            }
+        }
+        let sv = _mm512_set1_ps(s);
+        for t in 0..4 {
+            acc[t] = _mm512_fmadd_ps(_mm512_add_ps(a[t], b[t]), sv, acc[t]);
+        }
+    }
+    acc.map(|v| _mm512_reduce_add_ps(v))
+}
+
+// ---- four rows per pass (one token) ----
+
+/// [`dot4_i8_zmm`] over four rows: each 64-code chunk of activations is loaded once for all four.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize>(
+    rows: [&[u8]; 4],
+    xq: Q8,
+    scales: [&[f32]; 4],
+    dx: &[f32],
+) -> [f32; 4] {
+    let mut aq = [_mm512_setzero_ps(); 4];
+    let mut ar = [_mm512_setzero_ps(); 4];
+    let p = rows.map(|r| r.as_ptr());
+    let (q, r) = (xq.q.as_ptr(), xq.r.as_ptr());
+    let group = 64 * CHUNKS;
+    for g in 0..dx.len().min(scales[0].len()) {
+        let mut iq = [_mm512_setzero_si512(); 4];
+        let mut ir = [_mm512_setzero_si512(); 4];
+        for k in 0..CHUNKS {
+            let j = g * group + 64 * k;
+            unsafe {
+                let (vq, vr) = (
+                    _mm512_loadu_si512(q.add(j) as *const _),
+                    _mm512_loadu_si512(r.add(j) as *const _),
+                );
+                for i in 0..4 {
+                    if j.is_multiple_of(128) {
+                        _mm_prefetch::<_MM_HINT_T0>(p[i].add(j / 2 + PREFETCH) as *const i8);
+                    }
+                    let c = nibbles_64(p[i].add(j / 2));
+                    iq[i] = _mm512_dpbusd_epi32(iq[i], c, vq);
+                    ir[i] = _mm512_dpbusd_epi32(ir[i], c, vr);
+                }
+            }
+        }
+        let d = unsafe { *dx.get_unchecked(g) };
+        for i in 0..4 {
+            let sd = _mm512_set1_ps(unsafe { *scales[i].get_unchecked(g) } * d);
+            aq[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iq[i]), sd, aq[i]);
+            ar[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ir[i]), sd, ar[i]);
+        }
+    }
+    let k = _mm512_set1_ps(super::RESIDUAL as f32);
+    std::array::from_fn(|i| _mm512_reduce_add_ps(_mm512_fmadd_ps(aq[i], k, ar[i])))
+}
+
+/// [`dot4_f32_zmm`] over four rows: each 16 activations are loaded once for all four.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot4_f32_rows4_zmm<const CHUNKS: usize>(
+    rows: [&[u8]; 4],
+    x: &[f32],
+    scales: [&[f32]; 4],
+) -> [f32; 4] {
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let p = rows.map(|r| r.as_ptr());
+    let xp = x.as_ptr();
+    let group = 64 * CHUNKS;
+    let m = _mm512_set1_epi32(0x0f);
+    for g in 0..scales[0].len() {
+        let mut a = [_mm512_setzero_ps(); 4];
+        for k in 0..CHUNKS {
+            let j = g * group + 64 * k;
+            for h in 0..2 {
+                unsafe {
+                    let (xl, xh) = (
+                        _mm512_loadu_ps(xp.add(j + 16 * h)),
+                        _mm512_loadu_ps(xp.add(j + 32 + 16 * h)),
+                    );
+                    for i in 0..4 {
+                        if h == 0 && j.is_multiple_of(128) {
+                            _mm_prefetch::<_MM_HINT_T0>(p[i].add(j / 2 + PREFETCH) as *const i8);
+                        }
+                        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            p[i].add(j / 2 + 16 * h) as *const __m128i
+                        ));
+                        let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m));
+                        let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                        a[i] = _mm512_fmadd_ps(hi, xh, _mm512_fmadd_ps(lo, xl, a[i]));
+                    }
+                }
+            }
+        }
+        for i in 0..4 {
+            let s = _mm512_set1_ps(unsafe { *scales[i].get_unchecked(g) });
+            acc[i] = _mm512_fmadd_ps(a[i], s, acc[i]);
+        }
+    }
+    acc.map(|v| _mm512_reduce_add_ps(v))
 }
 
 // ---- bf16 weights ----
@@ -549,60 +819,31 @@ pub unsafe fn dot_bf16_avx512(row: &[u8], x: &[f32]) -> f32 {
     _mm512_reduce_add_ps(acc) + super::scalar::dot_bf16(&row[2 * n..], &x[n..])
 }
 
-// ---- four tokens per pass ----
+// ---- four tokens per pass, groups of 32 ----
 
-/// # Safety
-/// Needs AVX-512F; see the module note on lengths (for every token's slices).
+/// [`Dots::dot4_f32_x4`] for groups of 32.
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub unsafe fn dot4_f32_avx512_x4(
-    packed: &[u8],
-    x: [&[f32]; 4],
-    scales: &[f32],
-    group: usize,
-) -> [f32; 4] {
+unsafe fn dot4_f32_avx512_x4_g32(packed: &[u8], x: [&[f32]; 4], scales: &[f32]) -> [f32; 4] {
     let mut acc = [_mm512_setzero_ps(); 4];
     let p = packed.as_ptr();
     let cvt = |v: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
+    let m = _mm_set1_epi8(0x0f);
     for (g, &s) in scales.iter().enumerate() {
-        let mut a = [_mm512_setzero_ps(); 4];
-        let (base, end) = (g * group, (g + 1) * group);
-        unsafe {
-            if group == 32 {
-                let b = _mm_loadu_si128(p.add(base / 2) as *const __m128i);
-                let m = _mm_set1_epi8(0x0f);
-                let f = [
-                    cvt(_mm_and_si128(b, m)),
-                    cvt(_mm_and_si128(_mm_srli_epi16(b, 4), m)),
-                ];
-                for k in 0..4 {
-                    let xp = x[k].as_ptr().add(base);
-                    a[k] = _mm512_fmadd_ps(f[0], _mm512_loadu_ps(xp), a[k]);
-                    a[k] = _mm512_fmadd_ps(f[1], _mm512_loadu_ps(xp.add(16)), a[k]);
-                }
-            } else {
-                let mut j = base;
-                while j < end {
-                    let (lo, hi) =
-                        split_nibbles(_mm256_loadu_si256(p.add(j / 2) as *const __m256i));
-                    let f = [
-                        cvt(_mm256_castsi256_si128(lo)),
-                        cvt(_mm256_extracti128_si256(lo, 1)),
-                        cvt(_mm256_castsi256_si128(hi)),
-                        cvt(_mm256_extracti128_si256(hi, 1)),
-                    ];
-                    for k in 0..4 {
-                        let xp = x[k].as_ptr().add(j);
-                        for (q, fq) in f.iter().enumerate() {
-                            a[k] = _mm512_fmadd_ps(*fq, _mm512_loadu_ps(xp.add(16 * q)), a[k]);
-                        }
-                    }
-                    j += 64;
-                }
-            }
-        }
+        let base = g * 32;
+        let b = unsafe { _mm_loadu_si128(p.add(base / 2) as *const __m128i) };
+        let f = [
+            cvt(_mm_and_si128(b, m)),
+            cvt(_mm_and_si128(_mm_srli_epi16(b, 4), m)),
+        ];
+        let sv = _mm512_set1_ps(s);
         for k in 0..4 {
-            acc[k] = _mm512_fmadd_ps(a[k], _mm512_set1_ps(s), acc[k]);
+            let (lo, hi) = unsafe {
+                let xp = x[k].as_ptr().add(base);
+                (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)))
+            };
+            let a = _mm512_fmadd_ps(f[1], hi, _mm512_mul_ps(f[0], lo));
+            acc[k] = _mm512_fmadd_ps(a, sv, acc[k]);
         }
     }
-    [0, 1, 2, 3].map(|k| _mm512_reduce_add_ps(acc[k]))
+    acc.map(|v| _mm512_reduce_add_ps(v))
 }
