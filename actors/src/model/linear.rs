@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::quant::affine::AffineMatrix;
 use crate::quant::bf16::Bf16Matrix;
 use crate::quant::kernels::{Isa, Job, Weight, matmul_many};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, TensorId};
 
 #[derive(Clone)]
 pub enum Linear {
@@ -80,23 +80,38 @@ impl Linear {
                 )));
             }
         }
-        let xs: Vec<Vec<f32>> = items
-            .iter()
-            .map(|(l, x)| match l.kernel_weight() {
-                Some(_) => Ok(x.flatten_all()?.to_vec1::<f32>()?),
-                None => Ok(Vec::new()),
-            })
-            .collect::<Result<_>>()?;
+        // Each distinct input is flattened once: items that read the same tensor (gate and up of one expert,
+        // q_a and kv_a) then pass the same slice, and `matmul_many` prepares it once for all of them.
+        let mut inputs: Vec<(TensorId, Vec<f32>)> = Vec::new();
+        let mut slot = Vec::with_capacity(items.len());
+        for (l, x) in items {
+            slot.push(match l.kernel_weight() {
+                None => None,
+                Some(_) => Some(match inputs.iter().position(|(id, _)| *id == x.id()) {
+                    Some(i) => i,
+                    None => {
+                        inputs.push((x.id(), x.flatten_all()?.to_vec1::<f32>()?));
+                        inputs.len() - 1
+                    }
+                }),
+            });
+        }
         let mut ys: Vec<Vec<f32>> = items
             .iter()
-            .zip(&xs)
-            .map(|((l, _), x)| vec![0f32; x.len() / l.in_dim() * l.out_dim()])
+            .zip(&slot)
+            .map(|((l, _), s)| match s {
+                Some(i) => vec![0f32; inputs[*i].1.len() / l.in_dim() * l.out_dim()],
+                None => Vec::new(),
+            })
             .collect();
         let mut jobs: Vec<Job> = items
             .iter()
-            .zip(&xs)
+            .zip(&slot)
             .zip(ys.iter_mut())
-            .filter_map(|(((l, _), x), y)| l.kernel_weight().map(|w| Job { w, x, y }))
+            .filter_map(|(((l, _), s), y)| {
+                let x = &inputs[(*s)?].1;
+                l.kernel_weight().map(|w| Job { w, x, y })
+            })
             .collect();
         matmul_many(Isa::detect(), &mut jobs);
         items
