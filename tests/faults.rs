@@ -33,7 +33,17 @@ fn worker(placement: &std::path::Path, extra: &[&str], secret: &str) -> Proc {
     Proc(c.spawn().unwrap())
 }
 
-fn head_fails(args: &[&str]) -> String {
+/// Runs `logits` as the head of placement `p`, waiting `wait` seconds for the nodes; it must fail: its stderr.
+fn head_fails(p: &std::path::Path, wait: &str) -> String {
+    let args = [
+        "logits",
+        "--placement",
+        p.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+        "--wait",
+        wait,
+    ];
     let out = kimi().args(args).output().unwrap();
     assert!(!out.status.success(), "kimi-actors {args:?} should fail");
     String::from_utf8_lossy(&out.stderr).to_string()
@@ -58,15 +68,7 @@ fn a_worker_with_another_model_is_refused() {
     );
     std::fs::write(&p, other).unwrap();
     let _b = worker(&p, &[], SECRET);
-    let err = head_fails(&[
-        "logits",
-        "--placement",
-        p.to_str().unwrap(),
-        "--prompt-ids",
-        "1,2",
-        "--wait",
-        "20",
-    ]);
+    let err = head_fails(&p, "20");
     assert!(
         err.contains("refused") && err.contains("node `b` has a different model"),
         "{err}"
@@ -85,15 +87,7 @@ fn a_worker_with_another_placement_is_refused() {
     )
     .unwrap();
     let _b = worker(&theirs, &[], SECRET);
-    let err = head_fails(&[
-        "logits",
-        "--placement",
-        p.to_str().unwrap(),
-        "--prompt-ids",
-        "1,2",
-        "--wait",
-        "20",
-    ]);
+    let err = head_fails(&p, "20");
     assert!(
         err.contains("refused") && err.contains("different placement"),
         "{err}"
@@ -111,15 +105,7 @@ fn a_worker_without_the_secret_cannot_join() {
     );
     let _b = worker(&p, &[], "not-the-secret");
     let t = Instant::now();
-    let err = head_fails(&[
-        "logits",
-        "--placement",
-        p.to_str().unwrap(),
-        "--prompt-ids",
-        "1,2",
-        "--wait",
-        "4",
-    ]);
+    let err = head_fails(&p, "4");
     assert!(err.contains("no authenticated cluster session"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(30));
 }
