@@ -220,6 +220,54 @@ fn unpack_words<const B: usize>(bytes: &[u8], out: &mut [u8]) {
     }
 }
 
+/// A row of 2-, 3-, 5- or 6-bit codes rewritten for the kernels: 2- and 3-bit codes as an MLX 4-bit row (code
+/// `2j` in the low nibble of byte `j`, `2j+1` in the high; `out` is half as many bytes as codes), 5- and 6-bit
+/// codes as a byte each. The number of codes is a multiple of 16 (groups are 32, 64 or 128 codes).
+pub fn widen(bytes: &[u8], bits: u32, out: &mut [u8]) {
+    match bits {
+        2 => widen_words::<2, 4>(bytes, out),
+        3 => widen_words::<3, 4>(bytes, out),
+        5 => widen_words::<5, 8>(bytes, out),
+        6 => widen_words::<6, 8>(bytes, out),
+        _ => unreachable!("widen: {bits}-bit rows are read as they are"),
+    }
+}
+
+/// Bytes of a widened row of `codes` codes of `bits` each (see [`widen`]).
+pub fn widened_len(codes: usize, bits: u32) -> usize {
+    if bits <= 4 { codes / 2 } else { codes }
+}
+
+/// [`widen`] one 64-bit word at a time: `64 / D` codes of `B` bits come in, each leaves in `D` bits.
+fn widen_words<const B: u32, const D: u32>(bytes: &[u8], out: &mut [u8]) {
+    let in_bytes = (64 / D * B / 8) as usize;
+    for (src, dst) in bytes.chunks_exact(in_bytes).zip(out.chunks_exact_mut(8)) {
+        let mut w = [0u8; 8];
+        w[..in_bytes].copy_from_slice(src);
+        dst.copy_from_slice(&spread::<B, D>(u64::from_le_bytes(w)).to_le_bytes());
+    }
+}
+
+/// Moves `64 / D` packed `B`-bit fields of `v` to `D`-bit strides by halving: each step splits every run of
+/// `m` codes in two and shifts the upper half left by `m/2 · (D − B)` bits.
+#[inline(always)]
+fn spread<const B: u32, const D: u32>(v: u64) -> u64 {
+    let (mut x, mut m) = (v, 64 / D);
+    while m > 1 {
+        let h = m / 2;
+        let field = (1u64 << (h * B)) - 1;
+        let mut lo = 0u64;
+        let mut at = 0;
+        while at < 64 {
+            lo |= field << at;
+            at += m * D;
+        }
+        x = (x & lo) | ((x & (lo << (h * B))) << (h * (D - B)));
+        m = h;
+    }
+    x
+}
+
 /// Bit-serial unpacking: the reference for [`unpack`] and its tail.
 fn unpack_bits(bytes: &[u8], bits: u32, out: &mut [u8]) {
     let mask = (1u64 << bits) - 1;
@@ -262,6 +310,20 @@ mod tests {
             let mut serial = vec![0u8; 250];
             unpack_bits(&packed, bits, &mut serial);
             assert_eq!(serial, codes[..250], "bits {bits}");
+        }
+    }
+
+    #[test]
+    fn widened_rows_hold_the_codes() {
+        let mut seed = 11;
+        for bits in [2, 3, 5, 6] {
+            let codes: Vec<u8> = (0..320)
+                .map(|_| (lcg(&mut seed) % (1 << bits)) as u8)
+                .collect();
+            let mut out = vec![0u8; widened_len(codes.len(), bits)];
+            widen(&pack(&codes, bits), bits, &mut out);
+            let want = if bits <= 4 { pack(&codes, 4) } else { codes };
+            assert_eq!(out, want, "bits {bits}");
         }
     }
 

@@ -5,7 +5,8 @@
 //! - **4-bit** rows are unpacked in registers. The codes of each chunk (`min(group, 64)` codes, half as many
 //!   bytes) come out as the low nibbles (even codes) then the high nibbles (odd codes), so the activations are
 //!   permuted once per call to that order.
-//! - **8-bit** rows are their own codes; **2, 3, 5, 6-bit** rows are unpacked into a byte per code first.
+//! - **8-bit** rows are their own codes. **2- and 3-bit** rows are widened to 4-bit rows (AVX-512 VBMI where
+//!   present, else 64-bit words) and take the 4-bit kernels; **5- and 6-bit** rows are widened to a byte per code.
 //!
 //! Two activation paths:
 //! - **f32**: codes × f32 activations, exact up to summation order;
@@ -24,7 +25,7 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use crate::quant::affine::{AffineMatrix, unpack};
+use crate::quant::affine::{AffineMatrix, widen, widened_len};
 use crate::quant::bf16::Bf16Matrix;
 use crate::quant::pool::Pool;
 use std::sync::OnceLock;
@@ -280,7 +281,7 @@ impl Weight<'_> {
     /// What the prepared activations depend on: group size, 4-bit permutation, activation path.
     fn prep_key(&self) -> (usize, bool, Activations) {
         match self {
-            Weight::Affine(m) => (m.group, m.bits == 4, m.activations),
+            Weight::Affine(m) => (m.group, m.bits <= 4, m.activations),
             Weight::Bf16(m) => (m.cols, false, Activations::F32),
         }
     }
@@ -401,6 +402,12 @@ trait Dots {
     /// bf16 row (little-endian bytes) × f32 activations.
     fn dot_bf16(row: &[u8], x: &[f32]) -> f32;
 
+    /// A 2/3/5/6-bit row in the form the kernels read (see [`widen`]).
+    #[inline(always)]
+    fn widen(packed: &[u8], bits: u32, out: &mut [u8]) {
+        widen(packed, bits, out)
+    }
+
     /// [`Dots::dot4_i8`] for four tokens at once: the row is unpacked once for all of them.
     #[inline(always)]
     fn dot4_i8_x4(
@@ -483,17 +490,29 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     // The loop runs here, not in a `with` closure: closures do not inherit `target_feature`.
     let (mut codes, mut scales, mut biases) = SCRATCH.with(|s| s.take());
     let gpr = m.groups_per_row();
-    codes.resize(m.cols, 0);
+    // 2- and 3-bit rows are widened to 4 bits and take the 4-bit kernels; 5- and 6-bit rows to bytes.
+    let nibbles = m.bits <= 4;
+    let (rb, wb) = (m.row_bytes(), widened_len(m.cols, m.bits));
+    codes.resize(4 * wb, 0);
     scales.resize(4 * gpr, 0.0);
     biases.resize(4 * gpr, 0.0);
-    let (rb, g) = (m.row_bytes(), px.group);
+    let g = px.group;
     let all: &[u8] = &m.packed;
     let mut r = r0;
-    // One token (decode) on 4-bit rows: four rows per pass share the activations and the loop overhead.
-    if px.tokens == 1 && m.bits == 4 {
+    // One token (decode) on 4-bit (or widened) rows: four rows per pass share the activations and the loop
+    // overhead.
+    if px.tokens == 1 && nibbles {
         while r + 4 <= r1 {
             m.rows_scales(r..r + 4, &mut scales, &mut biases);
-            let rows: [&[u8]; 4] = std::array::from_fn(|i| &all[(r + i) * rb..(r + i + 1) * rb]);
+            if m.bits != 4 {
+                for (i, dst) in codes.chunks_exact_mut(wb).enumerate() {
+                    K::widen(&all[(r + i) * rb..(r + i + 1) * rb], m.bits, dst);
+                }
+            }
+            let rows: [&[u8]; 4] = std::array::from_fn(|i| match m.bits {
+                4 => &all[(r + i) * rb..(r + i + 1) * rb],
+                _ => &codes[i * wb..(i + 1) * wb],
+            });
             let sc: [&[f32]; 4] = std::array::from_fn(|i| &scales[i * gpr..(i + 1) * gpr]);
             let dots = if px.xq.is_empty() {
                 K::dot4_f32_rows4(rows, px.xf_of(0), sc, g)
@@ -514,18 +533,15 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
         let row: &[u8] = match m.bits {
             4 | 8 => packed,
             b => {
-                let gb = m.group * b as usize / 8;
-                for (src, dst) in packed.chunks_exact(gb).zip(codes.chunks_exact_mut(m.group)) {
-                    unpack(src, b, dst);
-                }
-                &codes
+                K::widen(packed, b, &mut codes[..wb]);
+                &codes[..wb]
             }
         };
         // No closures here: they would not inherit the caller's `target_feature`.
         let mut t = 0;
         // Four tokens per pass over a 4-bit row (prefill, batched decode); a tail of 2 or 3 tokens also
         // takes one pass, its last token repeated.
-        if m.bits == 4 && px.tokens >= 2 {
+        if nibbles && px.tokens >= 2 {
             while t < px.tokens && px.tokens - t >= 2 {
                 let n = (px.tokens - t).min(4);
                 let ts = [t, t + 1, t + (2).min(n - 1), t + (3).min(n - 1)];
@@ -553,7 +569,7 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
             }
         }
         while t < px.tokens {
-            let dot = match (px.xq.is_empty(), m.bits == 4) {
+            let dot = match (px.xq.is_empty(), nibbles) {
                 (true, true) => K::dot4_f32(row, px.xf_of(t), row_s, g),
                 (true, false) => K::dot_f32(row, px.xf_of(t), row_s, g),
                 (false, true) => K::dot4_i8(row, px.xq_of(t), row_s, px.dx_of(t), g),
@@ -681,7 +697,7 @@ mod tests {
         let rows = 19;
         let cases = [1, 2, 3, 5]
             .into_iter()
-            .flat_map(|t| [4, 8, 3].map(|b| (t, b)))
+            .flat_map(|t| [4, 8, 3, 2, 6].map(|b| (t, b)))
             .flat_map(|(t, b)| [64, 128, 256].map(|c| (t, b, c)));
         for (t, bits, cols) in cases {
             let x = activations(t * cols);

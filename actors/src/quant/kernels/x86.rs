@@ -57,6 +57,15 @@ impl Dots for Avx512 {
         unsafe { dot_bf16_avx512(row, x) }
     }
     #[inline(always)]
+    fn widen(packed: &[u8], bits: u32, out: &mut [u8]) {
+        if has_vbmi() {
+            // SAFETY: checked just above.
+            unsafe { widen_vbmi(packed, bits, out) }
+        } else {
+            crate::quant::affine::widen(packed, bits, out)
+        }
+    }
+    #[inline(always)]
     fn dot4_i8_x4(
         row: &[u8],
         xq: [Q8; 4],
@@ -145,6 +154,57 @@ pub fn has_avx512() -> bool {
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vnni")
+}
+
+pub fn has_vbmi() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vbmi")
+}
+
+/// [`crate::quant::affine::widen`] with AVX-512 VBMI, 64 codes per step: `vpermb` gives each 64-bit lane the
+/// bytes of its eight codes, `vpmultishiftqb` moves each code to its own byte; 2- and 3-bit codes are then
+/// paired into nibbles (`even + 16·odd`).
+///
+/// # Safety
+/// Needs AVX-512 F/BW/VBMI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+pub unsafe fn widen_vbmi(bytes: &[u8], bits: u32, out: &mut [u8]) {
+    let b = bits as usize;
+    let (in_step, out_step) = (8 * b, if b <= 4 { 32 } else { 64 });
+    let steps = (bytes.len() / in_step).min(out.len() / out_step);
+    let idx: [u8; 64] = std::array::from_fn(|i| (i / 8 * b + i % 8) as u8);
+    let ctl: [u8; 64] = std::array::from_fn(|i| (i % 8 * b) as u8);
+    let (idx, ctl) = unsafe {
+        (
+            _mm512_loadu_si512(idx.as_ptr() as *const _),
+            _mm512_loadu_si512(ctl.as_ptr() as *const _),
+        )
+    };
+    let mask = _mm512_set1_epi8(((1u32 << bits) - 1) as i8);
+    let pair = _mm512_set1_epi16(0x1001);
+    let load: __mmask64 = (1u64 << in_step) - 1;
+    for s in 0..steps {
+        unsafe {
+            let src = _mm512_maskz_loadu_epi8(load, bytes.as_ptr().add(s * in_step) as *const i8);
+            let codes = _mm512_and_si512(
+                _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(idx, src)),
+                mask,
+            );
+            let dst = out.as_mut_ptr().add(s * out_step);
+            if b <= 4 {
+                let nibbles = _mm512_cvtepi16_epi8(_mm512_maddubs_epi16(codes, pair));
+                _mm256_storeu_si256(dst as *mut __m256i, nibbles);
+            } else {
+                _mm512_storeu_si512(dst as *mut _, codes);
+            }
+        }
+    }
+    crate::quant::affine::widen(
+        &bytes[steps * in_step..],
+        bits,
+        &mut out[steps * out_step..],
+    );
 }
 
 /// Bytes ahead of the weight stream to prefetch: a couple of rows of a typical projection.
