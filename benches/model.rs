@@ -1,4 +1,4 @@
-//! One MoE layer and one decode step of the bench-shape model (Kimi-K2's structure scaled down: hidden 2048,
+//! One MoE layer (one token, and a 64-token prompt), a decode step and a 64-token prefill of the bench-shape model (Kimi-K2's structure scaled down: hidden 2048,
 //! 128 experts top-8, 4-bit). A two-layer checkpoint is synthesized into a temporary directory first.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -42,6 +42,18 @@ fn benches(c: &mut Criterion) {
         g.throughput(Throughput::Elements(1));
         g.bench_function("moe_layer_1_token", |b| {
             b.iter(|| layer.ffn.forward(&x).expect("moe forward"))
+        });
+        // A 64-token prompt: ~4 tokens per expert, the batch `kimi-actors bench` prefills.
+        let prompt: Vec<u32> = (0..64).map(|i| (i * 7919 + 13) % 30000).collect();
+        let xs = m.head.embed(&prompt).expect("embedding");
+        g.bench_function("moe_layer_64_tokens", |b| {
+            b.iter(|| layer.ffn.forward(&xs).expect("moe forward"))
+        });
+        g.bench_function("prefill_64_tokens_2_layers", |b| {
+            b.iter(|| {
+                let mut cache = m.new_cache().expect("cache");
+                m.step(&prompt, &mut cache, false).expect("prefill")
+            })
         });
         g.bench_function("decode_step_2_layers", |b| {
             let mut cache = m.new_cache().expect("cache");

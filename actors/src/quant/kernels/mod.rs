@@ -13,7 +13,7 @@
 //! - **int8**: activations quantized per weight group (step `max|x| / 127`), integer dot products
 //!   (u8 codes × i8, VNNI `vpdpbusd` where present), `scale·dx` applied per group, and the bias term
 //!   `bias · Σx` from the exact f32 sums — llama.cpp's Q4_1 × Q8_1 scheme — plus a second int8 pass over the
-//!   quantization residual (254× finer steps), folded into the same integer group sum. One int8 pass alone
+//!   quantization residual (256× finer steps), folded into the same integer group sum. One int8 pass alone
 //!   moved the tiny fixtures' logits by up to 1.0; with the residual they stay within 0.05 of the oracle.
 //!
 //! [`matmul_many`] runs several matrices (all heads of a layer, all experts a token uses) in one parallel
@@ -99,8 +99,9 @@ fn chunk4(group: usize) -> usize {
 }
 
 /// The ratio of the coarse to the fine int8 step: the residual of the coarse quantization (at most half a
-/// coarse step) spans ±127 fine steps.
-pub(crate) const RESIDUAL: i32 = 254;
+/// coarse step) spans ±128 fine steps, clamped to ±127 (one fine step off at worst). A power of two, so
+/// the kernels fold the coarse and the fine sums with a shift.
+pub(crate) const RESIDUAL: i32 = 256;
 
 /// One token's int8 activations: `x ≈ dx · (RESIDUAL·q + r)` per group.
 #[derive(Clone, Copy)]
@@ -116,11 +117,11 @@ struct Prepared {
     group: usize,
     /// `[t, cols]`, permuted.
     xf: Vec<f32>,
-    /// `[t, cols]`, permuted; int8 path only: `x ≈ dx · (254·xq + xr)`.
+    /// `[t, cols]`, permuted; int8 path only: `x ≈ dx · (256·xq + xr)`.
     xq: Vec<i8>,
-    /// The residual `x - 254·dx·xq`, in steps of `dx`.
+    /// The residual `x - 256·dx·xq`, in steps of `dx`.
     xr: Vec<i8>,
-    /// Per (token, group): the fine int8 step `dx` (a 254th of the coarse one) and the exact `Σx`.
+    /// Per (token, group): the fine int8 step `dx` (a 256th of the coarse one) and the exact `Σx`.
     dx: Vec<f32>,
     xsum: Vec<f32>,
 }
@@ -408,21 +409,26 @@ trait Dots {
         widen(packed, bits, out)
     }
 
-    /// [`Dots::dot4_i8`] for four tokens at once: the row is unpacked once for all of them.
+    /// [`Dots::dot4_i8`] for `N` tokens at once: the row is unpacked once for all of them.
     #[inline(always)]
-    fn dot4_i8_x4(
+    fn dot4_i8_xn<const N: usize>(
         row: &[u8],
-        xq: [Q8; 4],
+        xq: [Q8; N],
         scales: &[f32],
-        dx: [&[f32]; 4],
+        dx: [&[f32]; N],
         group: usize,
-    ) -> [f32; 4] {
+    ) -> [f32; N] {
         std::array::from_fn(|i| Self::dot4_i8(row, xq[i], scales, dx[i], group))
     }
 
-    /// [`Dots::dot4_f32`] for four tokens at once.
+    /// [`Dots::dot4_f32`] for `N` tokens at once.
     #[inline(always)]
-    fn dot4_f32_x4(row: &[u8], x: [&[f32]; 4], scales: &[f32], group: usize) -> [f32; 4] {
+    fn dot4_f32_xn<const N: usize>(
+        row: &[u8],
+        x: [&[f32]; N],
+        scales: &[f32],
+        group: usize,
+    ) -> [f32; N] {
         std::array::from_fn(|i| Self::dot4_f32(row, x[i], scales, group))
     }
 
@@ -526,60 +532,89 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
             r += 4;
         }
     }
-    for r in r..r1 {
-        m.rows_scales(r..r + 1, &mut scales[..gpr], &mut biases[..gpr]);
-        let (row_s, row_b) = (&scales[..gpr], &biases[..gpr]);
-        let packed = &all[r * rb..(r + 1) * rb];
-        let row: &[u8] = match m.bits {
-            4 | 8 => packed,
-            b => {
-                K::widen(packed, b, &mut codes[..wb]);
-                &codes[..wb]
-            }
-        };
-        // No closures here: they would not inherit the caller's `target_feature`.
-        let mut t = 0;
-        // Four tokens per pass over a 4-bit row (prefill, batched decode); a tail of 2 or 3 tokens also
-        // takes one pass, its last token repeated.
-        if nibbles && px.tokens >= 2 {
-            while t < px.tokens && px.tokens - t >= 2 {
-                let n = (px.tokens - t).min(4);
-                let ts = [t, t + 1, t + (2).min(n - 1), t + (3).min(n - 1)];
-                let dots = if px.xq.is_empty() {
-                    K::dot4_f32_x4(row, ts.map(|t| px.xf_of(t)), row_s, g)
-                } else {
-                    K::dot4_i8_x4(
-                        row,
-                        ts.map(|t| px.xq_of(t)),
-                        row_s,
-                        ts.map(|t| px.dx_of(t)),
-                        g,
-                    )
-                };
-                for (k, d) in dots.into_iter().take(n).enumerate() {
-                    store(
-                        out,
-                        m.rows,
-                        r,
-                        t + k,
-                        d + bias_dot(row_b, px.xsum_of(t + k)),
-                    );
+    // Several tokens per pass over a 4-bit row (prefill, batched decode), in balanced blocks of at most
+    // eight, so no token runs alone. Blocks outside, rows inside: a block's activations stay in L1 while
+    // the task's rows (tens of KB) come again from L2 for each block.
+    let multi = nibbles && px.tokens >= 2;
+    let blocks = if multi { px.tokens.div_ceil(8) } else { 1 };
+    for b in 0..blocks {
+        let (t0, t1) = (px.tokens * b / blocks, px.tokens * (b + 1) / blocks);
+        for r in r..r1 {
+            m.rows_scales(r..r + 1, &mut scales[..gpr], &mut biases[..gpr]);
+            let (row_s, row_b) = (&scales[..gpr], &biases[..gpr]);
+            let packed = &all[r * rb..(r + 1) * rb];
+            let row: &[u8] = match m.bits {
+                4 | 8 => packed,
+                b => {
+                    K::widen(packed, b, &mut codes[..wb]);
+                    &codes[..wb]
                 }
-                t += n;
-            }
-        }
-        while t < px.tokens {
-            let dot = match (px.xq.is_empty(), nibbles) {
-                (true, true) => K::dot4_f32(row, px.xf_of(t), row_s, g),
-                (true, false) => K::dot_f32(row, px.xf_of(t), row_s, g),
-                (false, true) => K::dot4_i8(row, px.xq_of(t), row_s, px.dx_of(t), g),
-                (false, false) => K::dot_i8(row, px.xq_of(t), row_s, px.dx_of(t), g),
             };
-            store(out, m.rows, r, t, dot + bias_dot(row_b, px.xsum_of(t)));
-            t += 1;
+            // No closures here: they would not inherit the caller's `target_feature`.
+            if multi {
+                match t1 - t0 {
+                    2 => tokens_pass::<K, 2>(m, px, out, row, row_s, row_b, r, t0),
+                    3 => tokens_pass::<K, 3>(m, px, out, row, row_s, row_b, r, t0),
+                    4 => tokens_pass::<K, 4>(m, px, out, row, row_s, row_b, r, t0),
+                    5 => tokens_pass::<K, 5>(m, px, out, row, row_s, row_b, r, t0),
+                    6 => tokens_pass::<K, 6>(m, px, out, row, row_s, row_b, r, t0),
+                    7 => tokens_pass::<K, 7>(m, px, out, row, row_s, row_b, r, t0),
+                    _ => tokens_pass::<K, 8>(m, px, out, row, row_s, row_b, r, t0),
+                }
+                continue;
+            }
+            for t in t0..t1 {
+                let dot = match (px.xq.is_empty(), nibbles) {
+                    (true, true) => K::dot4_f32(row, px.xf_of(t), row_s, g),
+                    (true, false) => K::dot_f32(row, px.xf_of(t), row_s, g),
+                    (false, true) => K::dot4_i8(row, px.xq_of(t), row_s, px.dx_of(t), g),
+                    (false, false) => K::dot_i8(row, px.xq_of(t), row_s, px.dx_of(t), g),
+                };
+                store(out, m.rows, r, t, dot + bias_dot(row_b, px.xsum_of(t)));
+            }
         }
     }
     SCRATCH.with(|s| s.replace((codes, scales, biases)));
+}
+
+/// Tokens `t0..t0 + N` against 4-bit row `r` (`row`, with its scales and biases) in one pass.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tokens_pass<K: Dots, const N: usize>(
+    m: &AffineMatrix,
+    px: &Prepared,
+    out: &Out,
+    row: &[u8],
+    row_s: &[f32],
+    row_b: &[f32],
+    r: usize,
+    t0: usize,
+) {
+    let dots = if px.xq.is_empty() {
+        K::dot4_f32_xn::<N>(
+            row,
+            std::array::from_fn(|k| px.xf_of(t0 + k)),
+            row_s,
+            px.group,
+        )
+    } else {
+        K::dot4_i8_xn::<N>(
+            row,
+            std::array::from_fn(|k| px.xq_of(t0 + k)),
+            row_s,
+            std::array::from_fn(|k| px.dx_of(t0 + k)),
+            px.group,
+        )
+    };
+    for (k, d) in dots.into_iter().enumerate() {
+        store(
+            out,
+            m.rows,
+            r,
+            t0 + k,
+            d + bias_dot(row_b, px.xsum_of(t0 + k)),
+        );
+    }
 }
 
 /// Writes output `(t, r)`.
@@ -660,7 +695,7 @@ mod tests {
         // 600 rows × 384 columns crosses the parallel threshold for the wider formats; one token takes the
         // four-rows-per-pass path (37 rows leave a tail of one).
         let cols = 384;
-        for (t, bits) in [1, 6]
+        for (t, bits) in [1, 6, 11]
             .into_iter()
             .flat_map(|t| crate::config::SUPPORTED_BITS.map(|b| (t, b)))
         {
@@ -695,7 +730,7 @@ mod tests {
         // Integer dot products are exact, so only the f32 accumulation order may differ. Rows of one, two
         // and four groups, 1–5 tokens (the one-token four-row pass, the four-token pass and its tails).
         let rows = 19;
-        let cases = [1, 2, 3, 5]
+        let cases = [1, 2, 3, 5, 11]
             .into_iter()
             .flat_map(|t| [4, 8, 3, 2, 6].map(|b| (t, b)))
             .flat_map(|(t, b)| [64, 128, 256].map(|c| (t, b, c)));

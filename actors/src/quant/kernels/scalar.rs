@@ -59,7 +59,7 @@ pub fn dot_f32(codes: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
     acc
 }
 
-/// `Σ_g scale_g · dx_g · Σ_{j∈g} codes_j · (254·q_j + r_j)` over byte codes, with exact integer group sums.
+/// `Σ_g scale_g · dx_g · Σ_{j∈g} codes_j · (256·q_j + r_j)` over byte codes, with exact integer group sums.
 pub fn dot_i8(codes: &[u8], xq: Q8, scales: &[f32], dx: &[f32], group: usize) -> f32 {
     let mut acc = 0f32;
     for (g, (c, (s, d))) in codes

@@ -66,28 +66,33 @@ impl Dots for Avx512 {
         }
     }
     #[inline(always)]
-    fn dot4_i8_x4(
+    fn dot4_i8_xn<const N: usize>(
         row: &[u8],
-        xq: [Q8; 4],
+        xq: [Q8; N],
         scales: &[f32],
-        dx: [&[f32]; 4],
+        dx: [&[f32]; N],
         group: usize,
-    ) -> [f32; 4] {
+    ) -> [f32; N] {
         unsafe {
             match group {
-                32 => dot4_i8_vnni_x4_g32(row, xq, scales, dx),
-                64 => dot4_i8_x4_zmm::<1>(row, xq, scales, dx),
-                _ => dot4_i8_x4_zmm::<2>(row, xq, scales, dx),
+                32 => dot4_i8_vnni_xn_g32(row, xq, scales, dx),
+                64 => dot4_i8_xn_zmm::<1, N>(row, xq, scales, dx),
+                _ => dot4_i8_xn_zmm::<2, N>(row, xq, scales, dx),
             }
         }
     }
     #[inline(always)]
-    fn dot4_f32_x4(row: &[u8], x: [&[f32]; 4], scales: &[f32], group: usize) -> [f32; 4] {
+    fn dot4_f32_xn<const N: usize>(
+        row: &[u8],
+        x: [&[f32]; N],
+        scales: &[f32],
+        group: usize,
+    ) -> [f32; N] {
         unsafe {
             match group {
-                32 => dot4_f32_avx512_x4_g32(row, x, scales),
-                64 => dot4_f32_x4_zmm::<1>(row, x, scales),
-                _ => dot4_f32_x4_zmm::<2>(row, x, scales),
+                32 => dot4_f32_avx512_xn_g32(row, x, scales),
+                64 => dot4_f32_xn_zmm::<1, N>(row, x, scales),
+                _ => dot4_f32_xn_zmm::<2, N>(row, x, scales),
             }
         }
     }
@@ -423,17 +428,14 @@ pub unsafe fn dot_f32_avx2(codes: &[u8], x: &[f32], scales: &[f32], group: usize
 
 // ---- int8 activations ----
 
-// `combine` multiplies by 254 with shifts.
-const _: () = assert!(super::RESIDUAL == 254);
+// The kernels multiply by `RESIDUAL` with a shift.
+const _: () = assert!(super::RESIDUAL == 1 << 8);
 
-/// `RESIDUAL · q + r` per i32 lane (254 = 256 − 2).
+/// `RESIDUAL · q + r` per i32 lane.
 #[inline]
 #[target_feature(enable = "avx2")]
 fn combine(q: __m256i, r: __m256i) -> __m256i {
-    _mm256_add_epi32(
-        _mm256_sub_epi32(_mm256_slli_epi32(q, 8), _mm256_slli_epi32(q, 1)),
-        r,
-    )
+    _mm256_add_epi32(_mm256_slli_epi32(q, 8), r)
 }
 
 /// 32 packed bytes (a 64-code chunk) → one register: the low nibbles (even codes) in bytes 0..32, the high
@@ -462,7 +464,7 @@ pub unsafe fn dot4_i8_vnni(packed: &[u8], xq: Q8, scales: &[f32], dx: &[f32], gr
 }
 
 /// [`dot4_i8_vnni`] for groups of `64 · CHUNKS` codes. The coarse and the residual sums are scaled and
-/// accumulated apart (no integer combine per group) and joined once, `254·Σq + Σr`; two groups per step
+/// accumulated apart (no integer combine per group) and joined once, `256·Σq + Σr`; two groups per step
 /// keep two independent accumulator chains.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
@@ -636,20 +638,20 @@ pub unsafe fn dot_i8_avx2(codes: &[u8], xq: Q8, scales: &[f32], dx: &[f32], grou
 
 /// [`Dots::dot4_i8_x4`] for groups of 32.
 #[target_feature(enable = "avx512f,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn dot4_i8_vnni_x4_g32(
+unsafe fn dot4_i8_vnni_xn_g32<const N: usize>(
     packed: &[u8],
-    xq: [Q8; 4],
+    xq: [Q8; N],
     scales: &[f32],
-    dx: [&[f32]; 4],
-) -> [f32; 4] {
-    let mut acc = [_mm256_setzero_ps(); 4];
+    dx: [&[f32]; N],
+) -> [f32; N] {
+    let mut acc = [_mm256_setzero_ps(); N];
     let p = packed.as_ptr();
     let ld =
         |a: &[i8], at: usize| unsafe { _mm256_loadu_si256(a.as_ptr().add(at) as *const __m256i) };
     for (g, &s) in scales.iter().enumerate() {
         let base = g * 32;
         let c = nibbles_of_16(unsafe { _mm_loadu_si128(p.add(base / 2) as *const __m128i) });
-        for k in 0..4 {
+        for k in 0..N {
             let iq = _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, ld(xq[k].q, base));
             let ir = _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, ld(xq[k].r, base));
             acc[k] = _mm256_fmadd_ps(
@@ -664,62 +666,64 @@ unsafe fn dot4_i8_vnni_x4_g32(
 
 // ---- four tokens per pass, groups of 64 or 128 ----
 
-/// [`dot4_i8_zmm`] for four tokens: each 64-code chunk of the row is unpacked once for all four.
+/// [`dot4_i8_zmm`] for `N` tokens: each 64-code chunk of the row is unpacked once for all of them.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn dot4_i8_x4_zmm<const CHUNKS: usize>(
+unsafe fn dot4_i8_xn_zmm<const CHUNKS: usize, const N: usize>(
     row: &[u8],
-    xq: [Q8; 4],
+    xq: [Q8; N],
     scales: &[f32],
-    dx: [&[f32]; 4],
-) -> [f32; 4] {
-    let mut aq = [_mm512_setzero_ps(); 4];
-    let mut ar = [_mm512_setzero_ps(); 4];
+    dx: [&[f32]; N],
+) -> [f32; N] {
+    let mut acc = [_mm512_setzero_ps(); N];
     let p = row.as_ptr();
     let q = xq.map(|x| x.q.as_ptr());
     let r = xq.map(|x| x.r.as_ptr());
     let group = 64 * CHUNKS;
     for (g, &s) in scales.iter().enumerate() {
-        let mut iq = [_mm512_setzero_si512(); 4];
-        let mut ir = [_mm512_setzero_si512(); 4];
-        for k in 0..CHUNKS {
-            let j = g * group + 64 * k;
-            unsafe {
-                let c = nibbles_64(p.add(j / 2));
-                for t in 0..4 {
-                    iq[t] =
-                        _mm512_dpbusd_epi32(iq[t], c, _mm512_loadu_si512(q[t].add(j) as *const _));
-                    ir[t] =
-                        _mm512_dpbusd_epi32(ir[t], c, _mm512_loadu_si512(r[t].add(j) as *const _));
-                }
-            }
+        let mut c = [_mm512_setzero_si512(); CHUNKS];
+        for (k, ck) in c.iter_mut().enumerate() {
+            *ck = unsafe { nibbles_64(p.add((g * group + 64 * k) / 2)) };
         }
-        for t in 0..4 {
+        for t in 0..N {
+            // `RESIDUAL·Σq + Σr` in one register: the coarse sums, shifted, then the residual ones.
+            let mut i = _mm512_setzero_si512();
+            for (k, &ck) in c.iter().enumerate() {
+                let j = g * group + 64 * k;
+                i = _mm512_dpbusd_epi32(i, ck, unsafe {
+                    _mm512_loadu_si512(q[t].add(j) as *const _)
+                });
+            }
+            i = _mm512_slli_epi32(i, 8);
+            for (k, &ck) in c.iter().enumerate() {
+                let j = g * group + 64 * k;
+                i = _mm512_dpbusd_epi32(i, ck, unsafe {
+                    _mm512_loadu_si512(r[t].add(j) as *const _)
+                });
+            }
             let sd = _mm512_set1_ps(s * unsafe { *dx[t].get_unchecked(g) });
-            aq[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iq[t]), sd, aq[t]);
-            ar[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ir[t]), sd, ar[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sd, acc[t]);
         }
     }
-    let k = _mm512_set1_ps(super::RESIDUAL as f32);
-    std::array::from_fn(|t| _mm512_reduce_add_ps(_mm512_fmadd_ps(aq[t], k, ar[t])))
+    acc.map(|v| _mm512_reduce_add_ps(v))
 }
 
-/// [`dot4_f32_zmm`] for four tokens: each 16 packed bytes are widened and converted once for all four.
+/// [`dot4_f32_zmm`] for `N` tokens: each 16 packed bytes are widened and converted once for all of them.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn dot4_f32_x4_zmm<const CHUNKS: usize>(
+unsafe fn dot4_f32_xn_zmm<const CHUNKS: usize, const N: usize>(
     row: &[u8],
-    x: [&[f32]; 4],
+    x: [&[f32]; N],
     scales: &[f32],
-) -> [f32; 4] {
-    let mut acc = [_mm512_setzero_ps(); 4];
+) -> [f32; N] {
+    let mut acc = [_mm512_setzero_ps(); N];
     let p = row.as_ptr();
     let xp = x.map(|x| x.as_ptr());
     let group = 64 * CHUNKS;
     let m = _mm512_set1_epi32(0x0f);
     for (g, &s) in scales.iter().enumerate() {
-        let mut a = [_mm512_setzero_ps(); 4];
-        let mut b = [_mm512_setzero_ps(); 4];
+        let mut a = [_mm512_setzero_ps(); N];
+        let mut b = [_mm512_setzero_ps(); N];
         for k in 0..CHUNKS {
             let j = g * group + 64 * k;
             for h in 0..2 {
@@ -729,7 +733,7 @@ unsafe fn dot4_f32_x4_zmm<const CHUNKS: usize>(
                     ));
                     let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m));
                     let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-                    for t in 0..4 {
+                    for t in 0..N {
                         a[t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp[t].add(j + 16 * h)), a[t]);
                         b[t] =
                             _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp[t].add(j + 32 + 16 * h)), b[t]);
@@ -738,7 +742,7 @@ unsafe fn dot4_f32_x4_zmm<const CHUNKS: usize>(
             }
         }
         let sv = _mm512_set1_ps(s);
-        for t in 0..4 {
+        for t in 0..N {
             acc[t] = _mm512_fmadd_ps(_mm512_add_ps(a[t], b[t]), sv, acc[t]);
         }
     }
@@ -883,8 +887,12 @@ pub unsafe fn dot_bf16_avx512(row: &[u8], x: &[f32]) -> f32 {
 
 /// [`Dots::dot4_f32_x4`] for groups of 32.
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn dot4_f32_avx512_x4_g32(packed: &[u8], x: [&[f32]; 4], scales: &[f32]) -> [f32; 4] {
-    let mut acc = [_mm512_setzero_ps(); 4];
+unsafe fn dot4_f32_avx512_xn_g32<const N: usize>(
+    packed: &[u8],
+    x: [&[f32]; N],
+    scales: &[f32],
+) -> [f32; N] {
+    let mut acc = [_mm512_setzero_ps(); N];
     let p = packed.as_ptr();
     let cvt = |v: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
     let m = _mm_set1_epi8(0x0f);
@@ -896,7 +904,7 @@ unsafe fn dot4_f32_avx512_x4_g32(packed: &[u8], x: [&[f32]; 4], scales: &[f32]) 
             cvt(_mm_and_si128(_mm_srli_epi16(b, 4), m)),
         ];
         let sv = _mm512_set1_ps(s);
-        for k in 0..4 {
+        for k in 0..N {
             let (lo, hi) = unsafe {
                 let xp = x[k].as_ptr().add(base);
                 (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)))
