@@ -1,5 +1,6 @@
 //! Quantized matmul kernels: GB/s of weights per bit width, activation path and instruction set, for one token
-//! (decode) and for 8 tokens (a prefill slice routed to one expert).
+//! (decode) and for 8 tokens (a prefill slice routed to one expert); and one expert projection against 1–8
+//! tokens, in GB/s of weights times tokens.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use engine::quant::affine::AffineMatrix;
@@ -41,6 +42,23 @@ fn kernels(c: &mut Criterion) {
         }
         g.finish();
     }
+    // One bench-shape expert projection (768 × 2048, 4-bit) against the 1–8 tokens a prefill routes to it.
+    let m = matrix(768, 2048, 4);
+    let mut g = c.benchmark_group("expert_768x2048_4bit");
+    for tokens in [1, 2, 4, 8] {
+        let x: Vec<f32> = (0..tokens * m.cols)
+            .map(|i| (i % 13) as f32 / 13.0 - 0.5)
+            .collect();
+        g.throughput(Throughput::Bytes((m.weight_bytes() * tokens) as u64));
+        for act in [Activations::F32, Activations::Int8] {
+            let id = BenchmarkId::new(format!("{act:?}"), format!("t{tokens}"));
+            let mut y = vec![0f32; tokens * m.rows];
+            g.bench_function(id, |b| {
+                b.iter(|| affine_matmul_isa(Isa::detect(), &m, &x, &mut y, act))
+            });
+        }
+    }
+    g.finish();
 }
 
 criterion_group! {

@@ -533,10 +533,12 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
         }
     }
     // Several tokens per pass over a 4-bit row (prefill, batched decode), in balanced blocks of at most
-    // eight, so no token runs alone. Blocks outside, rows inside: a block's activations stay in L1 while
-    // the task's rows (tens of KB) come again from L2 for each block.
+    // eight (int8) or four (f32), so no token runs alone. Blocks outside, rows inside: a block's
+    // activations stay in L1 while the task's rows (tens of KB) come again from L2 for each block.
     let multi = nibbles && px.tokens >= 2;
-    let blocks = if multi { px.tokens.div_ceil(8) } else { 1 };
+    // Eight int8 tokens fit the registers; f32 tokens need two accumulators each, so four.
+    let width = if px.xq.is_empty() { 4 } else { 8 };
+    let blocks = if multi { px.tokens.div_ceil(width) } else { 1 };
     for b in 0..blocks {
         let (t0, t1) = (px.tokens * b / blocks, px.tokens * (b + 1) / blocks);
         for r in r..r1 {

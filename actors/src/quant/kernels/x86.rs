@@ -681,6 +681,9 @@ unsafe fn dot4_i8_xn_zmm<const CHUNKS: usize, const N: usize>(
     let r = xq.map(|x| x.r.as_ptr());
     let group = 64 * CHUNKS;
     for (g, &s) in scales.iter().enumerate() {
+        if (g * group / 2).is_multiple_of(64) {
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(g * group / 2 + PREFETCH) as *const i8) };
+        }
         let mut c = [_mm512_setzero_si512(); CHUNKS];
         for (k, ck) in c.iter_mut().enumerate() {
             *ck = unsafe { nibbles_64(p.add((g * group + 64 * k) / 2)) };
@@ -722,6 +725,9 @@ unsafe fn dot4_f32_xn_zmm<const CHUNKS: usize, const N: usize>(
     let group = 64 * CHUNKS;
     let m = _mm512_set1_epi32(0x0f);
     for (g, &s) in scales.iter().enumerate() {
+        if (g * group / 2).is_multiple_of(64) {
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(g * group / 2 + PREFETCH) as *const i8) };
+        }
         let mut a = [_mm512_setzero_ps(); N];
         let mut b = [_mm512_setzero_ps(); N];
         for k in 0..CHUNKS {
