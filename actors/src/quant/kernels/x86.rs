@@ -463,9 +463,8 @@ pub unsafe fn dot4_i8_vnni(packed: &[u8], xq: Q8, scales: &[f32], dx: &[f32], gr
     }
 }
 
-/// [`dot4_i8_vnni`] for groups of `64 · CHUNKS` codes. The coarse and the residual sums are scaled and
-/// accumulated apart (no integer combine per group) and joined once, `256·Σq + Σr`; two groups per step
-/// keep two independent accumulator chains.
+/// [`dot4_i8_vnni`] for groups of `64 · CHUNKS` codes: per group, `RESIDUAL·Σq + Σr` in one register (the
+/// coarse sums, shifted, then the residual ones); two groups per step keep two accumulator chains.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn dot4_i8_zmm<const CHUNKS: usize>(
@@ -474,42 +473,37 @@ unsafe fn dot4_i8_zmm<const CHUNKS: usize>(
     scales: &[f32],
     dx: &[f32],
 ) -> f32 {
-    let mut aq = [_mm512_setzero_ps(); 2];
-    let mut ar = [_mm512_setzero_ps(); 2];
+    let mut acc = [_mm512_setzero_ps(); 2];
     let (p, q, r) = (packed.as_ptr(), xq.q.as_ptr(), xq.r.as_ptr());
     let group = 64 * CHUNKS;
-    let one = |g: usize, aq: &mut __m512, ar: &mut __m512| unsafe {
-        let (mut iq, mut ir) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-        for k in 0..CHUNKS {
+    let one = |g: usize, acc: &mut __m512| unsafe {
+        let mut c = [_mm512_setzero_si512(); CHUNKS];
+        let mut i = _mm512_setzero_si512();
+        for (k, ck) in c.iter_mut().enumerate() {
             let j = g * group + 64 * k;
-            let c = nibbles_64(p.add(j / 2));
-            iq = _mm512_dpbusd_epi32(iq, c, _mm512_loadu_si512(q.add(j) as *const _));
-            ir = _mm512_dpbusd_epi32(ir, c, _mm512_loadu_si512(r.add(j) as *const _));
+            *ck = nibbles_64(p.add(j / 2));
+            i = _mm512_dpbusd_epi32(i, *ck, _mm512_loadu_si512(q.add(j) as *const _));
+        }
+        i = _mm512_slli_epi32(i, 8);
+        for (k, &ck) in c.iter().enumerate() {
+            let j = g * group + 64 * k;
+            i = _mm512_dpbusd_epi32(i, ck, _mm512_loadu_si512(r.add(j) as *const _));
         }
         let sd = _mm512_set1_ps(*scales.get_unchecked(g) * *dx.get_unchecked(g));
-        *aq = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iq), sd, *aq);
-        *ar = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ir), sd, *ar);
+        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sd, *acc);
     };
     let (groups, mut g) = (scales.len().min(dx.len()), 0);
     while g + 2 <= groups {
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(g * group / 2 + PREFETCH) as *const i8) };
-        let [aq0, aq1] = &mut aq;
-        let [ar0, ar1] = &mut ar;
-        one(g, aq0, ar0);
-        one(g + 1, aq1, ar1);
+        let [a0, a1] = &mut acc;
+        one(g, a0);
+        one(g + 1, a1);
         g += 2;
     }
     if g < groups {
-        let [aq0, _] = &mut aq;
-        let [ar0, _] = &mut ar;
-        one(g, aq0, ar0);
+        one(g, &mut acc[0]);
     }
-    let (q, r) = (_mm512_add_ps(aq[0], aq[1]), _mm512_add_ps(ar[0], ar[1]));
-    _mm512_reduce_add_ps(_mm512_fmadd_ps(
-        q,
-        _mm512_set1_ps(super::RESIDUAL as f32),
-        r,
-    ))
+    _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
 }
 
 /// [`dot4_i8_vnni`] for groups of 32 (16 bytes, one 256-bit register of codes per group).
@@ -766,40 +760,43 @@ unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize>(
     scales: [&[f32]; 4],
     dx: &[f32],
 ) -> [f32; 4] {
-    let mut aq = [_mm512_setzero_ps(); 4];
-    let mut ar = [_mm512_setzero_ps(); 4];
+    let mut acc = [_mm512_setzero_ps(); 4];
     let p = rows.map(|r| r.as_ptr());
     let (q, r) = (xq.q.as_ptr(), xq.r.as_ptr());
     let group = 64 * CHUNKS;
     for g in 0..dx.len().min(scales[0].len()) {
-        let mut iq = [_mm512_setzero_si512(); 4];
-        let mut ir = [_mm512_setzero_si512(); 4];
+        let mut c = [[_mm512_setzero_si512(); CHUNKS]; 4];
+        let mut i = [_mm512_setzero_si512(); 4];
+        // `RESIDUAL·Σq + Σr` per row in one register: the coarse sums, shifted, then the residual ones.
         for k in 0..CHUNKS {
             let j = g * group + 64 * k;
-            unsafe {
-                let (vq, vr) = (
-                    _mm512_loadu_si512(q.add(j) as *const _),
-                    _mm512_loadu_si512(r.add(j) as *const _),
-                );
-                for i in 0..4 {
+            let vq = unsafe { _mm512_loadu_si512(q.add(j) as *const _) };
+            for row in 0..4 {
+                unsafe {
                     if j.is_multiple_of(128) {
-                        _mm_prefetch::<_MM_HINT_T0>(p[i].add(j / 2 + PREFETCH) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(p[row].add(j / 2 + PREFETCH) as *const i8);
                     }
-                    let c = nibbles_64(p[i].add(j / 2));
-                    iq[i] = _mm512_dpbusd_epi32(iq[i], c, vq);
-                    ir[i] = _mm512_dpbusd_epi32(ir[i], c, vr);
+                    c[row][k] = nibbles_64(p[row].add(j / 2));
                 }
+                i[row] = _mm512_dpbusd_epi32(i[row], c[row][k], vq);
+            }
+        }
+        for v in &mut i {
+            *v = _mm512_slli_epi32(*v, 8);
+        }
+        for k in 0..CHUNKS {
+            let vr = unsafe { _mm512_loadu_si512(r.add(g * group + 64 * k) as *const _) };
+            for row in 0..4 {
+                i[row] = _mm512_dpbusd_epi32(i[row], c[row][k], vr);
             }
         }
         let d = unsafe { *dx.get_unchecked(g) };
-        for i in 0..4 {
-            let sd = _mm512_set1_ps(unsafe { *scales[i].get_unchecked(g) } * d);
-            aq[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iq[i]), sd, aq[i]);
-            ar[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ir[i]), sd, ar[i]);
+        for row in 0..4 {
+            let sd = _mm512_set1_ps(unsafe { *scales[row].get_unchecked(g) } * d);
+            acc[row] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[row]), sd, acc[row]);
         }
     }
-    let k = _mm512_set1_ps(super::RESIDUAL as f32);
-    std::array::from_fn(|i| _mm512_reduce_add_ps(_mm512_fmadd_ps(aq[i], k, ar[i])))
+    acc.map(|v| _mm512_reduce_add_ps(v))
 }
 
 /// [`dot4_f32_zmm`] over four rows: each 16 activations are loaded once for all four.
