@@ -765,10 +765,10 @@ unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize>(
     let (q, r) = (xq.q.as_ptr(), xq.r.as_ptr());
     let group = 64 * CHUNKS;
     for g in 0..dx.len().min(scales[0].len()) {
-        let mut c = [[_mm512_setzero_si512(); CHUNKS]; 4];
+        let mut c = [[_mm512_setzero_si512(); 4]; CHUNKS];
         let mut i = [_mm512_setzero_si512(); 4];
         // `RESIDUAL·Σq + Σr` per row in one register: the coarse sums, shifted, then the residual ones.
-        for k in 0..CHUNKS {
+        for (k, ck) in c.iter_mut().enumerate() {
             let j = g * group + 64 * k;
             let vq = unsafe { _mm512_loadu_si512(q.add(j) as *const _) };
             for row in 0..4 {
@@ -776,18 +776,18 @@ unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize>(
                     if j.is_multiple_of(128) {
                         _mm_prefetch::<_MM_HINT_T0>(p[row].add(j / 2 + PREFETCH) as *const i8);
                     }
-                    c[row][k] = nibbles_64(p[row].add(j / 2));
+                    ck[row] = nibbles_64(p[row].add(j / 2));
                 }
-                i[row] = _mm512_dpbusd_epi32(i[row], c[row][k], vq);
+                i[row] = _mm512_dpbusd_epi32(i[row], ck[row], vq);
             }
         }
         for v in &mut i {
             *v = _mm512_slli_epi32(*v, 8);
         }
-        for k in 0..CHUNKS {
+        for (k, ck) in c.iter().enumerate() {
             let vr = unsafe { _mm512_loadu_si512(r.add(g * group + 64 * k) as *const _) };
             for row in 0..4 {
-                i[row] = _mm512_dpbusd_epi32(i[row], c[row][k], vr);
+                i[row] = _mm512_dpbusd_epi32(i[row], ck[row], vr);
             }
         }
         let d = unsafe { *dx.get_unchecked(g) };
