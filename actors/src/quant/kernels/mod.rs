@@ -403,10 +403,11 @@ trait Dots {
     /// bf16 row (little-endian bytes) × f32 activations.
     fn dot_bf16(row: &[u8], x: &[f32]) -> f32;
 
-    /// A 2/3/5/6-bit row in the form the kernels read (see [`widen`]).
+    /// A 2/3/5/6-bit row in the form this set's kernels read (see [`widen`]), at the start of `out` (`cols`
+    /// bytes); returns its length.
     #[inline(always)]
-    fn widen(packed: &[u8], bits: u32, out: &mut [u8]) {
-        widen(packed, bits, out)
+    fn widen(packed: &[u8], bits: u32, _group: usize, _int8: bool, out: &mut [u8]) -> usize {
+        widen_into(packed, bits, out)
     }
 
     /// [`Dots::dot4_i8`] for `N` tokens at once: the row is unpacked once for all of them.
@@ -473,6 +474,14 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: (usize, bool, Activations)) ->
     }
 }
 
+/// [`widen`] into the start of `out`; returns the bytes written.
+#[inline(always)]
+fn widen_into(packed: &[u8], bits: u32, out: &mut [u8]) -> usize {
+    let len = widened_len(packed.len() * 8 / bits as usize, bits);
+    widen(packed, bits, &mut out[..len]);
+    len
+}
+
 /// The row loop, instantiated once per instruction set inside a `target_feature` function so that the
 /// glue (scale conversion, bias term) is compiled for that set too.
 #[inline(always)]
@@ -498,8 +507,8 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     let gpr = m.groups_per_row();
     // 2- and 3-bit rows are widened to 4 bits and take the 4-bit kernels; 5- and 6-bit rows to bytes.
     let nibbles = m.bits <= 4;
-    let (rb, wb) = (m.row_bytes(), widened_len(m.cols, m.bits));
-    codes.resize(4 * wb, 0);
+    let (rb, int8) = (m.row_bytes(), !px.xq.is_empty());
+    codes.resize(4 * m.cols, 0);
     scales.resize(4 * gpr, 0.0);
     biases.resize(4 * gpr, 0.0);
     let g = px.group;
@@ -510,14 +519,16 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     if px.tokens == 1 && nibbles {
         while r + 4 <= r1 {
             m.rows_scales(r..r + 4, &mut scales, &mut biases);
+            let mut wb = 0;
             if m.bits != 4 {
-                for (i, dst) in codes.chunks_exact_mut(wb).enumerate() {
-                    K::widen(&all[(r + i) * rb..(r + i + 1) * rb], m.bits, dst);
+                for (i, dst) in codes.chunks_exact_mut(m.cols).enumerate() {
+                    let row = &all[(r + i) * rb..(r + i + 1) * rb];
+                    wb = K::widen(row, m.bits, m.group, int8, dst);
                 }
             }
             let rows: [&[u8]; 4] = std::array::from_fn(|i| match m.bits {
                 4 => &all[(r + i) * rb..(r + i + 1) * rb],
-                _ => &codes[i * wb..(i + 1) * wb],
+                _ => &codes[i * m.cols..i * m.cols + wb],
             });
             let sc: [&[f32]; 4] = std::array::from_fn(|i| &scales[i * gpr..(i + 1) * gpr]);
             let dots = if px.xq.is_empty() {
@@ -548,7 +559,7 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
             let row: &[u8] = match m.bits {
                 4 | 8 => packed,
                 b => {
-                    K::widen(packed, b, &mut codes[..wb]);
+                    let wb = K::widen(packed, b, m.group, int8, &mut codes[..m.cols]);
                     &codes[..wb]
                 }
             };

@@ -57,12 +57,14 @@ impl Dots for Avx512 {
         unsafe { dot_bf16_avx512(row, x) }
     }
     #[inline(always)]
-    fn widen(packed: &[u8], bits: u32, out: &mut [u8]) {
+    fn widen(packed: &[u8], bits: u32, group: usize, int8: bool, out: &mut [u8]) -> usize {
         if has_vbmi() {
-            // SAFETY: checked just above.
-            unsafe { widen_vbmi(packed, bits, out) }
+            // The int8 kernels for groups of 64 and 128 read 2/3-bit rows as bytes in chunk order.
+            let perm = int8 && group >= 64 && bits <= 3;
+            // SAFETY: checked just above; `perm` rows are whole groups of at least 64 codes.
+            unsafe { widen_vbmi(packed, bits, perm, out) }
         } else {
-            crate::quant::affine::widen(packed, bits, out)
+            super::widen_into(packed, bits, out)
         }
     }
     #[inline(always)]
@@ -76,8 +78,14 @@ impl Dots for Avx512 {
         unsafe {
             match group {
                 32 => dot4_i8_vnni_xn_g32(row, xq, scales, dx),
-                64 => dot4_i8_xn_zmm::<1, N>(row, xq, scales, dx),
-                _ => dot4_i8_xn_zmm::<2, N>(row, xq, scales, dx),
+                64 if is_wide(row, scales, group) => {
+                    dot4_i8_xn_zmm::<1, N, true>(row, xq, scales, dx)
+                }
+                64 => dot4_i8_xn_zmm::<1, N, false>(row, xq, scales, dx),
+                _ if is_wide(row, scales, group) => {
+                    dot4_i8_xn_zmm::<2, N, true>(row, xq, scales, dx)
+                }
+                _ => dot4_i8_xn_zmm::<2, N, false>(row, xq, scales, dx),
             }
         }
     }
@@ -107,8 +115,14 @@ impl Dots for Avx512 {
         unsafe {
             match group {
                 32 => std::array::from_fn(|i| dot4_i8_vnni_g32(rows[i], xq, scales[i], dx)),
-                64 => dot4_i8_rows4_zmm::<1>(rows, xq, scales, dx),
-                _ => dot4_i8_rows4_zmm::<2>(rows, xq, scales, dx),
+                64 if is_wide(rows[0], scales[0], group) => {
+                    dot4_i8_rows4_zmm::<1, true>(rows, xq, scales, dx)
+                }
+                64 => dot4_i8_rows4_zmm::<1, false>(rows, xq, scales, dx),
+                _ if is_wide(rows[0], scales[0], group) => {
+                    dot4_i8_rows4_zmm::<2, true>(rows, xq, scales, dx)
+                }
+                _ => dot4_i8_rows4_zmm::<2, false>(rows, xq, scales, dx),
             }
         }
     }
@@ -168,18 +182,24 @@ pub fn has_vbmi() -> bool {
 }
 
 /// [`crate::quant::affine::widen`] with AVX-512 VBMI, 64 codes per step: `vpermb` gives each 64-bit lane the
-/// bytes of its eight codes, `vpmultishiftqb` moves each code to its own byte; 2- and 3-bit codes are then
-/// paired into nibbles (`even + 16·odd`).
+/// bytes of its eight codes, `vpmultishiftqb` moves each code to its own byte. 2- and 3-bit codes are then
+/// paired into nibbles (`even + 16·odd`), or with `perm` kept a byte each in [`nibbles_64`]'s order (even
+/// codes of the chunk, then odd), which the int8 kernels load without unpacking. Returns the bytes written.
 ///
 /// # Safety
-/// Needs AVX-512 F/BW/VBMI.
+/// Needs AVX-512 F/BW/VBMI. `perm` needs 2 or 3 bits and a multiple of 64 codes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-pub unsafe fn widen_vbmi(bytes: &[u8], bits: u32, out: &mut [u8]) {
+pub unsafe fn widen_vbmi(bytes: &[u8], bits: u32, perm: bool, out: &mut [u8]) -> usize {
     let b = bits as usize;
-    let (in_step, out_step) = (8 * b, if b <= 4 { 32 } else { 64 });
-    let steps = (bytes.len() / in_step).min(out.len() / out_step);
-    let idx: [u8; 64] = std::array::from_fn(|i| (i / 8 * b + i % 8) as u8);
-    let ctl: [u8; 64] = std::array::from_fn(|i| (i % 8 * b) as u8);
+    let codes = bytes.len() * 8 / b;
+    let (in_step, out_step, len) = match (perm, b <= 4) {
+        (true, _) => (8 * b, 64, codes),
+        (false, true) => (8 * b, 32, codes / 2),
+        (false, false) => (8 * b, 64, codes),
+    };
+    debug_assert!(!perm || (b <= 3 && codes.is_multiple_of(64)));
+    let steps = codes / 64;
+    let (idx, ctl) = vbmi_tables(bits, perm);
     let (idx, ctl) = unsafe {
         (
             _mm512_loadu_si512(idx.as_ptr() as *const _),
@@ -197,7 +217,7 @@ pub unsafe fn widen_vbmi(bytes: &[u8], bits: u32, out: &mut [u8]) {
                 mask,
             );
             let dst = out.as_mut_ptr().add(s * out_step);
-            if b <= 4 {
+            if out_step == 32 {
                 let nibbles = _mm512_cvtepi16_epi8(_mm512_maddubs_epi16(codes, pair));
                 _mm256_storeu_si256(dst as *mut __m256i, nibbles);
             } else {
@@ -208,8 +228,48 @@ pub unsafe fn widen_vbmi(bytes: &[u8], bits: u32, out: &mut [u8]) {
     crate::quant::affine::widen(
         &bytes[steps * in_step..],
         bits,
-        &mut out[steps * out_step..],
+        &mut out[steps * out_step..len],
     );
+    len
+}
+
+/// `vpermb` indices and `vpmultishiftqb` bit offsets that put the codes of a 64-code step a byte each: in
+/// order, or (`perm`, 2 and 3 bits) in [`nibbles_64`]'s order.
+fn vbmi_tables(bits: u32, perm: bool) -> &'static ([u8; 64], [u8; 64]) {
+    const fn tables(b: usize, perm: bool) -> ([u8; 64], [u8; 64]) {
+        let (mut idx, mut ctl) = ([0u8; 64], [0u8; 64]);
+        let mut o = 0;
+        while o < 64 {
+            let (w, i) = (o / 8, o % 8);
+            // Lane `w` holds eight codes from `first`, one apart, or (`perm`) two apart: the even codes of
+            // the step in lanes 0..4, the odd ones in lanes 4..8. They span at most 15·3 + 7 + 3 bits.
+            let (first, stride) = match (perm, w < 4) {
+                (false, _) => (8 * w, 1),
+                (true, true) => (16 * w, 2),
+                (true, false) => (16 * (w - 4) + 1, 2),
+            };
+            let start = first * b / 8;
+            idx[o] = (start + i) as u8;
+            ctl[o] = ((first + stride * i) * b - 8 * start) as u8;
+            o += 1;
+        }
+        (idx, ctl)
+    }
+    static NATURAL: [([u8; 64], [u8; 64]); 4] = [
+        tables(2, false),
+        tables(3, false),
+        tables(5, false),
+        tables(6, false),
+    ];
+    static PERMUTED: [([u8; 64], [u8; 64]); 2] = [tables(2, true), tables(3, true)];
+    match (bits, perm) {
+        (2, true) => &PERMUTED[0],
+        (_, true) => &PERMUTED[1],
+        (2, false) => &NATURAL[0],
+        (3, false) => &NATURAL[1],
+        (5, false) => &NATURAL[2],
+        _ => &NATURAL[3],
+    }
 }
 
 /// Bytes ahead of the weight stream to prefetch: a couple of rows of a typical projection.
@@ -450,6 +510,26 @@ unsafe fn nibbles_64(p: *const u8) -> __m512i {
     )
 }
 
+/// The 64-code chunk at code `j` of a 4-bit row in [`nibbles_64`]'s order: unpacked from the row's nibbles,
+/// or loaded as it is from a row [`widen_vbmi`] wrote a byte per code in that order (`WIDE`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn chunk64<const WIDE: bool>(p: *const u8, j: usize) -> __m512i {
+    unsafe {
+        if WIDE {
+            _mm512_loadu_si512(p.add(j) as *const _)
+        } else {
+            nibbles_64(p.add(j / 2))
+        }
+    }
+}
+
+/// Whether a row handed to the 4-bit int8 kernels holds a byte per code (a widened 2/3-bit row).
+#[inline(always)]
+fn is_wide(row: &[u8], scales: &[f32], group: usize) -> bool {
+    row.len() == scales.len() * group
+}
+
 /// # Safety
 /// Needs AVX-512 F/BW/VL + VNNI; see the module note on lengths.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
@@ -457,8 +537,10 @@ pub unsafe fn dot4_i8_vnni(packed: &[u8], xq: Q8, scales: &[f32], dx: &[f32], gr
     unsafe {
         match group {
             32 => dot4_i8_vnni_g32(packed, xq, scales, dx),
-            64 => dot4_i8_zmm::<1>(packed, xq, scales, dx),
-            _ => dot4_i8_zmm::<2>(packed, xq, scales, dx),
+            64 if is_wide(packed, scales, group) => dot4_i8_zmm::<1, true>(packed, xq, scales, dx),
+            64 => dot4_i8_zmm::<1, false>(packed, xq, scales, dx),
+            _ if is_wide(packed, scales, group) => dot4_i8_zmm::<2, true>(packed, xq, scales, dx),
+            _ => dot4_i8_zmm::<2, false>(packed, xq, scales, dx),
         }
     }
 }
@@ -467,7 +549,7 @@ pub unsafe fn dot4_i8_vnni(packed: &[u8], xq: Q8, scales: &[f32], dx: &[f32], gr
 /// coarse sums, shifted, then the residual ones); two groups per step keep two accumulator chains.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn dot4_i8_zmm<const CHUNKS: usize>(
+unsafe fn dot4_i8_zmm<const CHUNKS: usize, const WIDE: bool>(
     packed: &[u8],
     xq: Q8,
     scales: &[f32],
@@ -481,7 +563,7 @@ unsafe fn dot4_i8_zmm<const CHUNKS: usize>(
         let mut i = _mm512_setzero_si512();
         for (k, ck) in c.iter_mut().enumerate() {
             let j = g * group + 64 * k;
-            *ck = nibbles_64(p.add(j / 2));
+            *ck = chunk64::<WIDE>(p, j);
             i = _mm512_dpbusd_epi32(i, *ck, _mm512_loadu_si512(q.add(j) as *const _));
         }
         i = _mm512_slli_epi32(i, 8);
@@ -663,7 +745,7 @@ unsafe fn dot4_i8_vnni_xn_g32<const N: usize>(
 /// [`dot4_i8_zmm`] for `N` tokens: each 64-code chunk of the row is unpacked once for all of them.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn dot4_i8_xn_zmm<const CHUNKS: usize, const N: usize>(
+unsafe fn dot4_i8_xn_zmm<const CHUNKS: usize, const N: usize, const WIDE: bool>(
     row: &[u8],
     xq: [Q8; N],
     scales: &[f32],
@@ -680,7 +762,7 @@ unsafe fn dot4_i8_xn_zmm<const CHUNKS: usize, const N: usize>(
         }
         let mut c = [_mm512_setzero_si512(); CHUNKS];
         for (k, ck) in c.iter_mut().enumerate() {
-            *ck = unsafe { nibbles_64(p.add((g * group + 64 * k) / 2)) };
+            *ck = unsafe { chunk64::<WIDE>(p, g * group + 64 * k) };
         }
         for t in 0..N {
             // `RESIDUAL·Σq + Σr` in one register: the coarse sums, shifted, then the residual ones.
@@ -754,7 +836,7 @@ unsafe fn dot4_f32_xn_zmm<const CHUNKS: usize, const N: usize>(
 /// [`dot4_i8_zmm`] over four rows: each 64-code chunk of activations is loaded once for all four.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize>(
+unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize, const WIDE: bool>(
     rows: [&[u8]; 4],
     xq: Q8,
     scales: [&[f32]; 4],
@@ -776,7 +858,7 @@ unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize>(
                     if j.is_multiple_of(128) {
                         _mm_prefetch::<_MM_HINT_T0>(p[row].add(j / 2 + PREFETCH) as *const i8);
                     }
-                    ck[row] = nibbles_64(p[row].add(j / 2));
+                    ck[row] = chunk64::<WIDE>(p[row], j);
                 }
                 i[row] = _mm512_dpbusd_epi32(i[row], ck[row], vq);
             }
