@@ -327,7 +327,7 @@ unsafe fn dot4_f32_zmm<const CHUNKS: usize>(packed: &[u8], x: &[f32], scales: &[
     let mut acc = [_mm512_setzero_ps(); 2];
     let (p, xp) = (packed.as_ptr(), x.as_ptr());
     let group = 64 * CHUNKS;
-    let m = _mm512_set1_epi32(0x0f);
+    let lut = codes_lut();
     let one = |g: usize, acc: &mut __m512| unsafe {
         let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         for k in 0..CHUNKS {
@@ -335,8 +335,8 @@ unsafe fn dot4_f32_zmm<const CHUNKS: usize>(packed: &[u8], x: &[f32], scales: &[
             for h in 0..2 {
                 let v =
                     _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(j / 2 + 16 * h) as *const __m128i));
-                let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m));
-                let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                let lo = _mm512_permutexvar_ps(v, lut);
+                let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
                 a0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp.add(j + 16 * h)), a0);
                 a1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(j + 32 + 16 * h)), a1);
             }
@@ -528,6 +528,16 @@ unsafe fn chunk64<const WIDE: bool>(p: *const u8, j: usize) -> __m512i {
 #[inline(always)]
 fn is_wide(row: &[u8], scales: &[f32], group: usize) -> bool {
     row.len() == scales.len() * group
+}
+
+/// The floats 0..16: `vpermps` with it turns the low four bits of each lane into that code's value, one
+/// instruction for the mask and the conversion.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn codes_lut() -> __m512 {
+    _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    )
 }
 
 /// # Safety
@@ -799,7 +809,7 @@ unsafe fn dot4_f32_xn_zmm<const CHUNKS: usize, const N: usize>(
     let p = row.as_ptr();
     let xp = x.map(|x| x.as_ptr());
     let group = 64 * CHUNKS;
-    let m = _mm512_set1_epi32(0x0f);
+    let lut = codes_lut();
     for (g, &s) in scales.iter().enumerate() {
         if (g * group / 2).is_multiple_of(64) {
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(g * group / 2 + PREFETCH) as *const i8) };
@@ -813,8 +823,8 @@ unsafe fn dot4_f32_xn_zmm<const CHUNKS: usize, const N: usize>(
                     let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
                         p.add(j / 2 + 16 * h) as *const __m128i
                     ));
-                    let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m));
-                    let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                    let lo = _mm512_permutexvar_ps(v, lut);
+                    let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
                     for t in 0..N {
                         a[t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp[t].add(j + 16 * h)), a[t]);
                         b[t] =
@@ -893,7 +903,7 @@ unsafe fn dot4_f32_rows4_zmm<const CHUNKS: usize>(
     let p = rows.map(|r| r.as_ptr());
     let xp = x.as_ptr();
     let group = 64 * CHUNKS;
-    let m = _mm512_set1_epi32(0x0f);
+    let lut = codes_lut();
     for g in 0..scales[0].len() {
         let mut a = [_mm512_setzero_ps(); 4];
         for k in 0..CHUNKS {
@@ -911,8 +921,8 @@ unsafe fn dot4_f32_rows4_zmm<const CHUNKS: usize>(
                         let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
                             p[i].add(j / 2 + 16 * h) as *const __m128i
                         ));
-                        let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m));
-                        let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+                        let lo = _mm512_permutexvar_ps(v, lut);
+                        let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
                         a[i] = _mm512_fmadd_ps(hi, xh, _mm512_fmadd_ps(lo, xl, a[i]));
                     }
                 }
