@@ -741,9 +741,10 @@ mod tests {
     #[test]
     fn int8_paths_agree_with_the_scalar_int8_reference() {
         // Integer dot products are exact, so only the f32 accumulation order may differ. Rows of one, two
-        // and four groups, 1–5 tokens (the one-token four-row pass, the four-token pass and its tails).
+        // and four groups; one token (the four-row pass) and passes of 2, 3, 4, 5, 6 (11 = 5 + 6), 7 and 8
+        // (15 = 7 + 8) tokens; 2- and 3-bit rows widened (a byte per code with VBMI), 6-bit rows to bytes.
         let rows = 19;
-        let cases = [1, 2, 3, 5, 11]
+        let cases = [1, 2, 3, 4, 5, 11, 15]
             .into_iter()
             .flat_map(|t| [4, 8, 3, 2, 6].map(|b| (t, b)))
             .flat_map(|(t, b)| [64, 128, 256].map(|c| (t, b, c)));
