@@ -5,8 +5,10 @@
 //! - **4-bit** rows are unpacked in registers. The codes of each chunk (`min(group, 64)` codes, half as many
 //!   bytes) come out as the low nibbles (even codes) then the high nibbles (odd codes), so the activations are
 //!   permuted once per call to that order.
-//! - **8-bit** rows are their own codes. **2- and 3-bit** rows are widened to 4-bit rows (AVX-512 VBMI where
-//!   present, else 64-bit words) and take the 4-bit kernels; **5- and 6-bit** rows are widened to a byte per code.
+//! - **8-bit** rows are their own codes. **2- and 3-bit** rows are widened and take the 4-bit kernels: to 4-bit
+//!   rows (64-bit word arithmetic; AVX-512 VBMI where present), or with VBMI on the int8 path to a byte per code
+//!   in the unpacked chunk order, which those kernels load as it is. **5- and 6-bit** rows are widened to a
+//!   byte per code.
 //!
 //! Two activation paths:
 //! - **f32**: codes × f32 activations, exact up to summation order;
@@ -742,12 +744,13 @@ mod tests {
     fn int8_paths_agree_with_the_scalar_int8_reference() {
         // Integer dot products are exact, so only the f32 accumulation order may differ. Rows of one, two
         // and four groups; one token (the four-row pass) and passes of 2, 3, 4, 5, 6 (11 = 5 + 6), 7 and 8
-        // (15 = 7 + 8) tokens; 2- and 3-bit rows widened (a byte per code with VBMI), 6-bit rows to bytes.
+        // (15 = 7 + 8) tokens; 2- and 3-bit rows widened (a byte per code with VBMI), 6-bit rows to bytes;
+        // 96 columns leave the VBMI widening a 32-code tail.
         let rows = 19;
         let cases = [1, 2, 3, 4, 5, 11, 15]
             .into_iter()
             .flat_map(|t| [4, 8, 3, 2, 6].map(|b| (t, b)))
-            .flat_map(|(t, b)| [64, 128, 256].map(|c| (t, b, c)));
+            .flat_map(|(t, b)| [64, 96, 128, 256].map(|c| (t, b, c)));
         for (t, bits, cols) in cases {
             let x = activations(t * cols);
             for group in [32, 64, 128].into_iter().filter(|g| cols % g == 0) {

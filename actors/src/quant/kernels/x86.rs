@@ -192,11 +192,18 @@ pub fn has_vbmi() -> bool {
 pub unsafe fn widen_vbmi(bytes: &[u8], bits: u32, perm: bool, out: &mut [u8]) -> usize {
     let b = bits as usize;
     let codes = bytes.len() * 8 / b;
-    let (in_step, out_step, len) = match (perm, b <= 4) {
-        (true, _) => (8 * b, 64, codes),
-        (false, true) => (8 * b, 32, codes / 2),
-        (false, false) => (8 * b, 64, codes),
+    // 64 codes in, as 32 bytes of nibbles or 64 of codes out.
+    let in_step = 8 * b;
+    let (out_step, len) = if b <= 4 && !perm {
+        (32, codes / 2)
+    } else {
+        (64, codes)
     };
+    assert!(
+        out.len() >= len,
+        "widen_vbmi: {} bytes for {len}",
+        out.len()
+    );
     debug_assert!(!perm || (b <= 3 && codes.is_multiple_of(64)));
     let steps = codes / 64;
     let (idx, ctl) = vbmi_tables(bits, perm);
