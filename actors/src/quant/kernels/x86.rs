@@ -781,7 +781,6 @@ unsafe fn dot4_i8_xn_zmm<const CHUNKS: usize, const N: usize, const WIDE: bool>(
         for (k, ck) in c.iter_mut().enumerate() {
             *ck = unsafe { chunk64::<WIDE>(p, g * group + 64 * k) };
         }
-        let vs = _mm512_set1_ps(s);
         for t in 0..N {
             // `RESIDUAL·Σq + Σr` in one register: the coarse sums, shifted, then the residual ones.
             let mut i = _mm512_setzero_si512();
@@ -798,12 +797,8 @@ unsafe fn dot4_i8_xn_zmm<const CHUNKS: usize, const N: usize, const WIDE: bool>(
                     _mm512_loadu_si512(r[t].add(j) as *const _)
                 });
             }
-            // `dx` comes broadcast from memory into the multiply; the scale is broadcast once per group.
-            let f = _mm512_mul_ps(
-                _mm512_cvtepi32_ps(i),
-                _mm512_set1_ps(unsafe { *dx[t].get_unchecked(g) }),
-            );
-            acc[t] = _mm512_fmadd_ps(f, vs, acc[t]);
+            let sd = _mm512_set1_ps(s * unsafe { *dx[t].get_unchecked(g) });
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sd, acc[t]);
         }
     }
     acc.map(|v| _mm512_reduce_add_ps(v))
