@@ -354,17 +354,7 @@ unsafe fn dot4_f32_zmm<const CHUNKS: usize>(packed: &[u8], x: &[f32], scales: &[
             *acc,
         );
     };
-    let (groups, mut g) = (scales.len(), 0);
-    while g + 2 <= groups {
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(g * group / 2 + PREFETCH) as *const i8) };
-        let [a0, a1] = &mut acc;
-        one(g, a0);
-        one(g + 1, a1);
-        g += 2;
-    }
-    if g < groups {
-        one(g, &mut acc[0]);
-    }
+    two_chains(scales.len(), p, group / 2, &mut acc, one);
     _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
 }
 
@@ -537,6 +527,33 @@ fn is_wide(row: &[u8], scales: &[f32], group: usize) -> bool {
     row.len() == scales.len() * group
 }
 
+/// Runs `one(g, chain)` over `groups` groups on two accumulator chains (even groups on the first, odd ones on
+/// the second, so consecutive groups do not wait on each other), prefetching `PREFETCH` bytes ahead of
+/// `p + g · group_bytes` every two groups.
+#[inline(always)]
+fn two_chains<A>(
+    groups: usize,
+    p: *const u8,
+    group_bytes: usize,
+    acc: &mut [A; 2],
+    mut one: impl FnMut(usize, &mut A),
+) {
+    let mut g = 0;
+    while g + 2 <= groups {
+        // SAFETY: SSE is part of x86-64; a prefetch never faults, whatever the address.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(g * group_bytes + PREFETCH) as *const i8)
+        };
+        let [a0, a1] = acc;
+        one(g, a0);
+        one(g + 1, a1);
+        g += 2;
+    }
+    if g < groups {
+        one(g, &mut acc[0]);
+    }
+}
+
 /// The floats 0..16: `vpermps` with it turns the low four bits of each lane into that code's value, one
 /// instruction for the mask and the conversion.
 #[inline]
@@ -591,17 +608,7 @@ unsafe fn dot4_i8_zmm<const CHUNKS: usize, const WIDE: bool>(
         let sd = _mm512_set1_ps(*scales.get_unchecked(g) * *dx.get_unchecked(g));
         *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sd, *acc);
     };
-    let (groups, mut g) = (scales.len().min(dx.len()), 0);
-    while g + 2 <= groups {
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(g * group / 2 + PREFETCH) as *const i8) };
-        let [a0, a1] = &mut acc;
-        one(g, a0);
-        one(g + 1, a1);
-        g += 2;
-    }
-    if g < groups {
-        one(g, &mut acc[0]);
-    }
+    two_chains(scales.len().min(dx.len()), p, group / 2, &mut acc, one);
     _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
 }
 
