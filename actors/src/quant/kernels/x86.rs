@@ -76,16 +76,12 @@ impl Dots for Avx512 {
         group: usize,
     ) -> [f32; N] {
         unsafe {
-            match group {
-                32 => dot4_i8_vnni_xn_g32(row, xq, scales, dx),
-                64 if is_wide(row, scales, group) => {
-                    dot4_i8_xn_zmm::<1, N, true>(row, xq, scales, dx)
-                }
-                64 => dot4_i8_xn_zmm::<1, N, false>(row, xq, scales, dx),
-                _ if is_wide(row, scales, group) => {
-                    dot4_i8_xn_zmm::<2, N, true>(row, xq, scales, dx)
-                }
-                _ => dot4_i8_xn_zmm::<2, N, false>(row, xq, scales, dx),
+            match (group, is_wide(row, scales, group)) {
+                (32, _) => dot4_i8_vnni_xn_g32(row, xq, scales, dx),
+                (64, true) => dot4_i8_xn_zmm::<1, N, true>(row, xq, scales, dx),
+                (64, false) => dot4_i8_xn_zmm::<1, N, false>(row, xq, scales, dx),
+                (_, true) => dot4_i8_xn_zmm::<2, N, true>(row, xq, scales, dx),
+                (_, false) => dot4_i8_xn_zmm::<2, N, false>(row, xq, scales, dx),
             }
         }
     }
@@ -113,16 +109,12 @@ impl Dots for Avx512 {
         group: usize,
     ) -> [f32; 4] {
         unsafe {
-            match group {
-                32 => std::array::from_fn(|i| dot4_i8_vnni_g32(rows[i], xq, scales[i], dx)),
-                64 if is_wide(rows[0], scales[0], group) => {
-                    dot4_i8_rows4_zmm::<1, true>(rows, xq, scales, dx)
-                }
-                64 => dot4_i8_rows4_zmm::<1, false>(rows, xq, scales, dx),
-                _ if is_wide(rows[0], scales[0], group) => {
-                    dot4_i8_rows4_zmm::<2, true>(rows, xq, scales, dx)
-                }
-                _ => dot4_i8_rows4_zmm::<2, false>(rows, xq, scales, dx),
+            match (group, is_wide(rows[0], scales[0], group)) {
+                (32, _) => std::array::from_fn(|i| dot4_i8_vnni_g32(rows[i], xq, scales[i], dx)),
+                (64, true) => dot4_i8_rows4_zmm::<1, true>(rows, xq, scales, dx),
+                (64, false) => dot4_i8_rows4_zmm::<1, false>(rows, xq, scales, dx),
+                (_, true) => dot4_i8_rows4_zmm::<2, true>(rows, xq, scales, dx),
+                (_, false) => dot4_i8_rows4_zmm::<2, false>(rows, xq, scales, dx),
             }
         }
     }
@@ -569,12 +561,12 @@ fn codes_lut() -> __m512 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 pub unsafe fn dot4_i8_vnni(packed: &[u8], xq: Q8, scales: &[f32], dx: &[f32], group: usize) -> f32 {
     unsafe {
-        match group {
-            32 => dot4_i8_vnni_g32(packed, xq, scales, dx),
-            64 if is_wide(packed, scales, group) => dot4_i8_zmm::<1, true>(packed, xq, scales, dx),
-            64 => dot4_i8_zmm::<1, false>(packed, xq, scales, dx),
-            _ if is_wide(packed, scales, group) => dot4_i8_zmm::<2, true>(packed, xq, scales, dx),
-            _ => dot4_i8_zmm::<2, false>(packed, xq, scales, dx),
+        match (group, is_wide(packed, scales, group)) {
+            (32, _) => dot4_i8_vnni_g32(packed, xq, scales, dx),
+            (64, true) => dot4_i8_zmm::<1, true>(packed, xq, scales, dx),
+            (64, false) => dot4_i8_zmm::<1, false>(packed, xq, scales, dx),
+            (_, true) => dot4_i8_zmm::<2, true>(packed, xq, scales, dx),
+            (_, false) => dot4_i8_zmm::<2, false>(packed, xq, scales, dx),
         }
     }
 }
