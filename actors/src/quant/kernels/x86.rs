@@ -271,7 +271,9 @@ fn vbmi_tables(bits: u32, perm: bool) -> &'static ([u8; 64], [u8; 64]) {
     }
 }
 
-/// Bytes ahead of the weight stream to prefetch: a couple of rows of a typical projection.
+/// Bytes ahead of the weight stream to prefetch: a couple of rows of a typical projection. The addresses are
+/// formed with `wrapping_add`: past the last rows they leave the allocation, which a prefetch tolerates and
+/// `add` must not.
 const PREFETCH: usize = 4096;
 
 #[inline]
@@ -406,7 +408,7 @@ pub unsafe fn dot4_f32_avx2(packed: &[u8], x: &[f32], scales: &[f32], group: usi
             } else {
                 let mut j = base;
                 while j < end {
-                    _mm_prefetch::<_MM_HINT_T0>(p.add(j / 2 + PREFETCH) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(j / 2 + PREFETCH) as *const i8);
                     let (lo, hi) =
                         split_nibbles(_mm256_loadu_si256(p.add(j / 2) as *const __m256i));
                     a = fma32(lo, xp.add(j), a);
@@ -431,7 +433,7 @@ pub unsafe fn dot_f32_avx512(codes: &[u8], x: &[f32], scales: &[f32], group: usi
         while j < (g + 1) * group {
             unsafe {
                 let c = codes.as_ptr().add(j);
-                _mm_prefetch::<_MM_HINT_T0>(c.add(PREFETCH) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(PREFETCH) as *const i8);
                 let xp = x.as_ptr().add(j);
                 let c0 =
                     _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(c as *const __m128i)));
@@ -649,7 +651,7 @@ pub unsafe fn dot4_i8_avx2(packed: &[u8], xq: Q8, scales: &[f32], dx: &[f32], gr
             } else {
                 let mut j = base;
                 while j < end {
-                    _mm_prefetch::<_MM_HINT_T0>(p.add(j / 2 + PREFETCH) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(j / 2 + PREFETCH) as *const i8);
                     let (lo, hi) =
                         split_nibbles(_mm256_loadu_si256(p.add(j / 2) as *const __m256i));
                     iq = _mm256_add_epi32(
@@ -684,7 +686,7 @@ pub unsafe fn dot_i8_vnni(codes: &[u8], xq: Q8, scales: &[f32], dx: &[f32], grou
         let mut j = g * group;
         while j < (g + 1) * group {
             unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(codes.as_ptr().add(j + PREFETCH) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(codes.as_ptr().wrapping_add(j + PREFETCH) as *const i8);
                 let c = _mm256_loadu_si256(codes.as_ptr().add(j) as *const __m256i);
                 iq = _mm256_dpbusd_epi32(iq, c, ld(xq.q.as_ptr().add(j)));
                 ir = _mm256_dpbusd_epi32(ir, c, ld(xq.r.as_ptr().add(j)));
@@ -774,7 +776,7 @@ unsafe fn dot4_i8_xn_zmm<const CHUNKS: usize, const N: usize, const WIDE: bool>(
     let group = 64 * CHUNKS;
     for (g, &s) in scales.iter().enumerate() {
         if (g * group / 2).is_multiple_of(64) {
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(g * group / 2 + PREFETCH) as *const i8) };
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(g * group / 2 + PREFETCH) as *const i8);
         }
         let mut c = [_mm512_setzero_si512(); CHUNKS];
         for (k, ck) in c.iter_mut().enumerate() {
@@ -818,7 +820,7 @@ unsafe fn dot4_f32_xn_zmm<const CHUNKS: usize, const N: usize>(
     let lut = codes_lut();
     for (g, &s) in scales.iter().enumerate() {
         if (g * group / 2).is_multiple_of(64) {
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(g * group / 2 + PREFETCH) as *const i8) };
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(g * group / 2 + PREFETCH) as *const i8);
         }
         let mut a = [_mm512_setzero_ps(); N];
         let mut b = [_mm512_setzero_ps(); N];
@@ -872,7 +874,9 @@ unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize, const WIDE: bool>(
             for row in 0..4 {
                 unsafe {
                     if j.is_multiple_of(128) {
-                        _mm_prefetch::<_MM_HINT_T0>(p[row].add(j / 2 + PREFETCH) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            p[row].wrapping_add(j / 2 + PREFETCH) as *const i8
+                        );
                     }
                     ck[row] = chunk64::<WIDE>(p[row], j);
                 }
@@ -922,7 +926,9 @@ unsafe fn dot4_f32_rows4_zmm<const CHUNKS: usize>(
                     );
                     for i in 0..4 {
                         if h == 0 && j.is_multiple_of(128) {
-                            _mm_prefetch::<_MM_HINT_T0>(p[i].add(j / 2 + PREFETCH) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(
+                                p[i].wrapping_add(j / 2 + PREFETCH) as *const i8
+                            );
                         }
                         let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
                             p[i].add(j / 2 + 16 * h) as *const __m128i
@@ -972,7 +978,7 @@ pub unsafe fn dot_bf16_avx512(row: &[u8], x: &[f32]) -> f32 {
     let mut i = 0;
     while i < n {
         unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().add(2 * i + PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(2 * i + PREFETCH) as *const i8);
             let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
                 row.as_ptr().add(2 * i) as *const __m256i
             ));
