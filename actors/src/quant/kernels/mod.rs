@@ -110,6 +110,27 @@ pub(crate) const RESIDUAL: i32 = 256;
 pub(crate) struct Q8<'a> {
     pub q: &'a [i8],
     pub r: &'a [i8],
+    /// Whether `q` and `r` are in [`transpose_units`] order.
+    pub units: bool,
+}
+
+/// Codes per unit of the AVX-512 several-token int8 kernel: four 64-code chunks.
+pub(crate) const UNIT: usize = 256;
+
+/// Each [`UNIT`] of `v` (four 64-code chunks of four 16-code blocks) with its blocks transposed:
+/// block `j` of chunk `i` moves to block `i` of chunk `j`. The AVX-512 several-token kernel loads the
+/// weights of four chunks in that order, so one register of integer sums holds four lanes per chunk and
+/// one conversion and one multiply-add serve four chunks.
+fn transpose_units(v: &mut [i8]) {
+    let mut unit = [0i8; UNIT];
+    for u in v.chunks_exact_mut(UNIT) {
+        unit.copy_from_slice(u);
+        for (i, chunk) in unit.chunks_exact(64).enumerate() {
+            for (j, block) in chunk.chunks_exact(16).enumerate() {
+                u[64 * j + 16 * i..][..16].copy_from_slice(block);
+            }
+        }
+    }
 }
 
 /// Activations of one matrix call, permuted to the code order and (int8 path) quantized.
@@ -123,15 +144,23 @@ struct Prepared {
     xq: Vec<i8>,
     /// The residual `x - 256·dx·xq`, in steps of `dx`.
     xr: Vec<i8>,
+    /// Whether `xq` and `xr` are in [`transpose_units`] order.
+    units: bool,
     /// Per (token, group): the fine int8 step `dx` (a 256th of the coarse one) and the exact `Σx`.
     dx: Vec<f32>,
     xsum: Vec<f32>,
 }
 
 impl Prepared {
-    /// `group` and `nibbles` as in [`Weight::prep_key`].
+    /// `group` and `nibbles` as in [`Weight::prep_key`]; `units`: the int8 activations of several tokens
+    /// over 4-bit rows in groups of 64 or more go in [`transpose_units`] order, where the columns allow.
     #[inline(always)]
-    fn new(x: &[f32], cols: usize, (group, nibbles, act): (usize, bool, Activations)) -> Prepared {
+    fn new(
+        x: &[f32],
+        cols: usize,
+        (group, nibbles, act): (usize, bool, Activations),
+        units: bool,
+    ) -> Prepared {
         let xsum: Vec<f32> = x.chunks_exact(group).map(lane_sum).collect();
         let xf: Vec<f32> = if nibbles {
             let c = chunk4(group);
@@ -169,13 +198,25 @@ impl Prepared {
                 dx.push(fine);
             }
         }
+        let tokens = x.len() / cols;
+        let units = units
+            && !xq.is_empty()
+            && nibbles
+            && tokens >= 2
+            && group.is_multiple_of(64)
+            && cols.is_multiple_of(UNIT);
+        if units {
+            transpose_units(&mut xq);
+            transpose_units(&mut xr);
+        }
         Prepared {
-            tokens: x.len() / cols,
+            tokens,
             cols,
             group,
             xf,
             xq,
             xr,
+            units,
             dx,
             xsum,
         }
@@ -229,6 +270,7 @@ impl Prepared {
         Q8 {
             q: &self.xq[r.clone()],
             r: &self.xr[r],
+            units: self.units,
         }
     }
 
@@ -342,20 +384,17 @@ pub fn affine_matmul_isa(isa: Isa, m: &AffineMatrix, x: &[f32], y: &mut [f32], a
 /// Runs every job, splitting all their rows into one set of parallel tasks.
 pub fn matmul_many(isa: Isa, jobs: &mut [Job]) {
     // Jobs that share an input (gate and up of one expert, q_a and kv_a) share its preparation.
-    let mut prepared: Vec<Prepared> = Vec::with_capacity(jobs.len());
+    let mut firsts: Vec<usize> = Vec::with_capacity(jobs.len());
     let mut which: Vec<usize> = Vec::with_capacity(jobs.len());
-    for j in jobs.iter() {
+    for (i, j) in jobs.iter().enumerate() {
         let key = |j: &Job| (j.x.as_ptr(), j.x.len(), j.w.prep_key());
-        let found = jobs[..which.len()]
-            .iter()
-            .zip(&which)
-            .find(|(o, _)| key(o) == key(j))
-            .map(|(_, &p)| p);
+        let found = firsts.iter().position(|&f| key(&jobs[f]) == key(j));
         which.push(found.unwrap_or_else(|| {
-            prepared.push(prepare(isa, j.x, j.w.cols(), j.w.prep_key()));
-            prepared.len() - 1
+            firsts.push(i);
+            firsts.len() - 1
         }));
     }
+    let prepared = prepare_all(isa, jobs, &firsts);
     let outs: Vec<Out> = jobs
         .iter_mut()
         .map(|j| {
@@ -383,6 +422,26 @@ pub fn matmul_many(isa: Isa, jobs: &mut [Job]) {
     } else {
         Pool::global().run(tasks.len(), &|i| run(&tasks[i]));
     }
+}
+
+/// Activation values below which the preparations run on the calling thread (a decode step's).
+const PARALLEL_PREPARE: usize = 1 << 16;
+
+/// The preparations of the inputs of `jobs[firsts[i]]`, in parallel when there are many (a prefill's experts).
+fn prepare_all(isa: Isa, jobs: &[Job], firsts: &[usize]) -> Vec<Prepared> {
+    let one = |f: usize| prepare(isa, jobs[f].x, jobs[f].w.cols(), jobs[f].w.prep_key());
+    if firsts.iter().map(|&f| jobs[f].x.len()).sum::<usize>() < PARALLEL_PREPARE {
+        return firsts.iter().map(|&f| one(f)).collect();
+    }
+    let cells: Vec<OnceLock<Prepared>> = firsts.iter().map(|_| OnceLock::new()).collect();
+    Pool::global().run(firsts.len(), &|i| {
+        let _ = cells[i].set(one(firsts[i]));
+    });
+    cells
+        .into_iter()
+        .zip(firsts)
+        .map(|(c, &f)| c.into_inner().unwrap_or_else(|| one(f)))
+        .collect()
 }
 
 type Scratch = (Vec<u8>, Vec<f32>, Vec<f32>);
@@ -471,8 +530,10 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: (usize, bool, Activations)) ->
     match isa {
         // SAFETY: as in `run_rows`.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx2 => unsafe { x86::prepare_avx2(x, cols, key) },
-        _ => Prepared::new(x, cols, key),
+        Isa::Avx512 => unsafe { x86::prepare_avx2(x, cols, key, true) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::prepare_avx2(x, cols, key, false) },
+        _ => Prepared::new(x, cols, key, false),
     }
 }
 
@@ -745,12 +806,13 @@ mod tests {
         // Integer dot products are exact, so only the f32 accumulation order may differ. Rows of one, two
         // and four groups; one token (the four-row pass) and passes of 2, 3, 4, 5, 6 (11 = 5 + 6), 7 and 8
         // (15 = 7 + 8) tokens; 2- and 3-bit rows widened (a byte per code with VBMI), 6-bit rows to bytes;
-        // 96 columns leave the VBMI widening a 32-code tail.
+        // 96 columns leave the VBMI widening a 32-code tail; 256 and 1280 columns take the AVX-512 kernel
+        // of 256-code units, 1280 with more than sixteen groups of 64 (a full and a partial set of scales).
         let rows = 19;
         let cases = [1, 2, 3, 4, 5, 11, 15]
             .into_iter()
             .flat_map(|t| [4, 8, 3, 2, 6].map(|b| (t, b)))
-            .flat_map(|(t, b)| [64, 96, 128, 256].map(|c| (t, b, c)));
+            .flat_map(|(t, b)| [64, 96, 128, 256, 1280].map(|c| (t, b, c)));
         for (t, bits, cols) in cases {
             let x = activations(t * cols);
             for group in [32, 64, 128].into_iter().filter(|g| cols % g == 0) {

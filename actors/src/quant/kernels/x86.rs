@@ -3,7 +3,7 @@
 //! `group` (codes: bytes, or half as many bytes for packed 4-bit rows). The AVX-512 4-bit kernels have a
 //! 256-bit form for groups of 32 and a 512-bit form for 64 and 128 (one or two 64-code chunks per group).
 
-use super::{Activations, Dots, Out, Prepared, Q8, Weight, rows};
+use super::{Activations, Dots, Out, Prepared, Q8, UNIT, Weight, rows};
 use std::arch::x86_64::*;
 
 /// AVX2 + FMA kernels (the `Dots` impls are only reached through the `target_feature` entry points).
@@ -76,6 +76,14 @@ impl Dots for Avx512 {
         group: usize,
     ) -> [f32; N] {
         unsafe {
+            if xq[0].units {
+                return match (group, is_wide(row, scales, group)) {
+                    (64, true) => dot4_i8_xn_units::<1, N, true>(row, xq, scales, dx),
+                    (64, false) => dot4_i8_xn_units::<1, N, false>(row, xq, scales, dx),
+                    (_, true) => dot4_i8_xn_units::<2, N, true>(row, xq, scales, dx),
+                    (_, false) => dot4_i8_xn_units::<2, N, false>(row, xq, scales, dx),
+                };
+            }
             match (group, is_wide(row, scales, group)) {
                 (32, _) => dot4_i8_vnni_xn_g32(row, xq, scales, dx),
                 (64, true) => dot4_i8_xn_zmm::<1, N, true>(row, xq, scales, dx),
@@ -144,8 +152,9 @@ pub(super) unsafe fn prepare_avx2(
     x: &[f32],
     cols: usize,
     key: (usize, bool, Activations),
+    units: bool,
 ) -> Prepared {
-    Prepared::new(x, cols, key)
+    Prepared::new(x, cols, key, units)
 }
 
 /// # Safety
@@ -801,6 +810,108 @@ unsafe fn dot4_i8_xn_zmm<const CHUNKS: usize, const N: usize, const WIDE: bool>(
             let sd = _mm512_set1_ps(s * unsafe { *dx[t].get_unchecked(g) });
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sd, acc[t]);
         }
+    }
+    acc.map(|v| _mm512_reduce_add_ps(v))
+}
+
+/// The four 64-code chunks of unit `u` of a 4-bit row in [`super::transpose_units`] order: register `j`
+/// holds block `j` (16 codes) of each chunk. From packed nibbles, or (`WIDE`) from a row widened to a byte
+/// per code in [`nibbles_64`] order.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn unit_blocks<const WIDE: bool>(p: *const u8, u: usize) -> [__m512i; 4] {
+    let ld = |at: usize| unsafe { _mm512_loadu_si512(p.add(at) as *const _) };
+    if WIDE {
+        let c = [0, 1, 2, 3].map(|i| ld(UNIT * u + 64 * i));
+        // Blocks 0, 1 and 2, 3 of chunk pairs, then every chunk's block j in register j.
+        let lo01 = _mm512_shuffle_i64x2::<0x44>(c[0], c[1]);
+        let hi01 = _mm512_shuffle_i64x2::<0xee>(c[0], c[1]);
+        let lo23 = _mm512_shuffle_i64x2::<0x44>(c[2], c[3]);
+        let hi23 = _mm512_shuffle_i64x2::<0xee>(c[2], c[3]);
+        [
+            _mm512_shuffle_i64x2::<0x88>(lo01, lo23),
+            _mm512_shuffle_i64x2::<0xdd>(lo01, lo23),
+            _mm512_shuffle_i64x2::<0x88>(hi01, hi23),
+            _mm512_shuffle_i64x2::<0xdd>(hi01, hi23),
+        ]
+    } else {
+        // A chunk's 32 bytes: its low nibbles are blocks 0 (first 16 bytes) and 1, its high nibbles 2 and 3.
+        let (a, b) = (ld(UNIT / 2 * u), ld(UNIT / 2 * u + 64));
+        let first = _mm512_shuffle_i64x2::<0x88>(a, b);
+        let second = _mm512_shuffle_i64x2::<0xdd>(a, b);
+        let m = _mm512_set1_epi8(0x0f);
+        [
+            _mm512_and_si512(first, m),
+            _mm512_and_si512(second, m),
+            _mm512_and_si512(_mm512_srli_epi16(first, 4), m),
+            _mm512_and_si512(_mm512_srli_epi16(second, 4), m),
+        ]
+    }
+}
+
+/// [`dot4_i8_xn_zmm`] over activations in [`super::transpose_units`] order (groups of `64 · CHUNKS`):
+/// per unit of four chunks and token, eight `vpdpbusd` leave each chunk's sums in four lanes, and one
+/// conversion, one permutation (each lane's `s·dx`) and one multiply-add finish them.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn dot4_i8_xn_units<const CHUNKS: usize, const N: usize, const WIDE: bool>(
+    row: &[u8],
+    xq: [Q8; N],
+    scales: &[f32],
+    dx: [&[f32]; N],
+) -> [f32; N] {
+    let mut acc = [_mm512_setzero_ps(); N];
+    let p = row.as_ptr();
+    let q = xq.map(|x| x.q.as_ptr());
+    let r = xq.map(|x| x.r.as_ptr());
+    let groups = scales.len();
+    // Lane l of a unit's sums belongs to its chunk l / 4, i.e. group (l / 4) / CHUNKS of the unit's first.
+    let first: [i32; 16] = std::array::from_fn(|l| (l / 4 / CHUNKS) as i32);
+    let first = unsafe { _mm512_loadu_si512(first.as_ptr() as *const _) };
+    let step = _mm512_set1_epi32((4 / CHUNKS) as i32);
+    // `s·dx` of up to sixteen groups per token, and each lane's index into them.
+    let mut sd = [_mm512_setzero_ps(); N];
+    let mut idx = first;
+    let unit_bytes = if WIDE { UNIT } else { UNIT / 2 };
+    for u in 0..groups * CHUNKS / 4 {
+        let g0 = u * 4 / CHUNKS;
+        if g0.is_multiple_of(16) {
+            let m: __mmask16 = if groups - g0 >= 16 {
+                0xffff
+            } else {
+                (1 << (groups - g0)) - 1
+            };
+            let sv = unsafe { _mm512_maskz_loadu_ps(m, scales.as_ptr().add(g0)) };
+            for t in 0..N {
+                let d = unsafe { _mm512_maskz_loadu_ps(m, dx[t].as_ptr().add(g0)) };
+                sd[t] = _mm512_mul_ps(sv, d);
+            }
+            idx = first;
+        }
+        for line in (0..unit_bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(
+                p.wrapping_add(u * unit_bytes + line + PREFETCH) as *const i8
+            );
+        }
+        let w = unsafe { unit_blocks::<WIDE>(p, u) };
+        for t in 0..N {
+            // `RESIDUAL·Σq + Σr` per lane: the coarse sums, shifted, then the residual ones.
+            let mut i = _mm512_setzero_si512();
+            for (j, &wj) in w.iter().enumerate() {
+                i = _mm512_dpbusd_epi32(i, wj, unsafe {
+                    _mm512_loadu_si512(q[t].add(UNIT * u + 64 * j) as *const _)
+                });
+            }
+            i = _mm512_slli_epi32(i, 8);
+            for (j, &wj) in w.iter().enumerate() {
+                i = _mm512_dpbusd_epi32(i, wj, unsafe {
+                    _mm512_loadu_si512(r[t].add(UNIT * u + 64 * j) as *const _)
+                });
+            }
+            let lane_sd = _mm512_permutexvar_ps(idx, sd[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), lane_sd, acc[t]);
+        }
+        idx = _mm512_add_epi32(idx, step);
     }
     acc.map(|v| _mm512_reduce_add_ps(v))
 }
