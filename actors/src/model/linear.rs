@@ -70,64 +70,65 @@ impl Linear {
 
     /// Applies several matrices to their inputs at once; those the engine's kernels read share one parallel
     /// region. `items[i] = (W, x)` with `x: [t_i, in_i]` → `[t_i, out_i]`.
+    /// Several matrices on their own inputs `[t, in]` (tensors that are the same are read once), the kernels'
+    /// matrices in one parallel region.
     pub fn forward_many(items: &[(&Linear, &Tensor)]) -> Result<Vec<Tensor>> {
-        for (l, x) in items {
-            let (_, cols) = x.dims2()?;
-            if cols != l.in_dim() {
-                return Err(Error::Invalid(format!(
-                    "linear expects {} input columns, got {cols}",
-                    l.in_dim()
-                )));
-            }
-        }
-        // Each distinct input is flattened once: items that read the same tensor (gate and up of one expert,
-        // q_a and kv_a) then pass the same slice, and `matmul_many` prepares it once for all of them.
         let mut inputs: Vec<(TensorId, Vec<f32>)> = Vec::new();
         let mut slot = Vec::with_capacity(items.len());
-        for (l, x) in items {
-            slot.push(match l.kernel_weight() {
-                None => None,
-                Some(_) => Some(match inputs.iter().position(|(id, _)| *id == x.id()) {
-                    Some(i) => i,
-                    None => {
-                        inputs.push((x.id(), x.flatten_all()?.to_vec1::<f32>()?));
-                        inputs.len() - 1
-                    }
-                }),
+        for (_, x) in items {
+            slot.push(match inputs.iter().position(|(id, _)| *id == x.id()) {
+                Some(i) => i,
+                None => {
+                    inputs.push((x.id(), x.flatten_all()?.to_vec1::<f32>()?));
+                    inputs.len() - 1
+                }
             });
         }
-        let mut ys: Vec<Vec<f32>> = items
+        let rows: Vec<(&Linear, &[f32])> = items
             .iter()
             .zip(&slot)
-            .map(|((l, _), s)| match s {
-                Some(i) => vec![0f32; inputs[*i].1.len() / l.in_dim() * l.out_dim()],
-                None => Vec::new(),
-            })
+            .map(|((l, _), &i)| (*l, &inputs[i].1[..]))
             .collect();
-        let mut jobs: Vec<Job> = items
-            .iter()
-            .zip(&slot)
-            .zip(ys.iter_mut())
-            .filter_map(|(((l, _), s), y)| {
-                let x = &inputs[(*s)?].1;
-                l.kernel_weight().map(|w| Job { w, x, y })
-            })
-            .collect();
-        matmul_many(Isa::detect(), &mut jobs);
-        items
-            .iter()
-            .zip(ys)
-            .map(|((l, x), y)| match l {
-                Linear::Dense(w) => Ok(x.matmul(&w.t()?)?),
-                _ => {
-                    let t = y.len() / l.out_dim();
-                    Ok(Tensor::from_vec(y, (t, l.out_dim()), &Device::Cpu)?)
-                }
+        Linear::apply_many(&rows)?
+            .into_iter()
+            .zip(items)
+            .map(|(y, (l, _))| {
+                let t = y.len() / l.out_dim();
+                Ok(Tensor::from_vec(y, (t, l.out_dim()), &Device::Cpu)?)
             })
             .collect()
     }
 
-    /// Row `r` of the matrix (an embedding lookup).
+    /// [`Linear::forward_many`] on row-major rows: `x: [t, in]` → `[t, out]`.
+    pub fn apply_many(items: &[(&Linear, &[f32])]) -> Result<Vec<Vec<f32>>> {
+        for (l, x) in items {
+            if !x.len().is_multiple_of(l.in_dim()) {
+                return Err(Error::Invalid(format!(
+                    "linear expects rows of {} columns, got {} values",
+                    l.in_dim(),
+                    x.len()
+                )));
+            }
+        }
+        let mut ys: Vec<Vec<f32>> = items
+            .iter()
+            .map(|(l, x)| vec![0f32; x.len() / l.in_dim() * l.out_dim()])
+            .collect();
+        let mut jobs: Vec<Job> = items
+            .iter()
+            .zip(ys.iter_mut())
+            .filter_map(|((l, x), y)| l.kernel_weight().map(|w| Job { w, x, y }))
+            .collect();
+        matmul_many(Isa::detect(), &mut jobs);
+        for ((l, x), y) in items.iter().zip(ys.iter_mut()) {
+            if let Linear::Dense(w) = l {
+                let x = Tensor::from_slice(x, (x.len() / l.in_dim(), l.in_dim()), &Device::Cpu)?;
+                *y = x.matmul(&w.t()?)?.flatten_all()?.to_vec1()?;
+            }
+        }
+        Ok(ys)
+    }
+
     pub fn row(&self, r: usize) -> Result<Vec<f32>> {
         Ok(match self {
             Linear::Dense(w) => w.get(r)?.to_vec1()?,

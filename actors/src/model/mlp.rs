@@ -3,8 +3,10 @@
 
 use crate::error::Result;
 use crate::model::linear::Linear;
+use crate::quant::pool::Pool;
 use crate::weights::Weights;
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
+use std::sync::Mutex;
 
 #[derive(Clone)]
 pub struct Mlp {
@@ -47,28 +49,45 @@ impl Mlp {
 
     /// `x: [t, hidden]` → `[t, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut out = Mlp::forward_many(&[(self, x)])?;
-        Ok(out.remove(0))
+        let rows: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let y = Mlp::apply_many(&[(self, &rows)])?.remove(0);
+        let t = y.len() / self.down.out_dim();
+        Ok(Tensor::from_vec(y, (t, self.down.out_dim()), &Device::Cpu)?)
     }
 
-    /// Several MLPs on their own inputs (the experts a batch routes to), each projection stage of all of
-    /// them in one parallel region.
-    pub fn forward_many(items: &[(&Mlp, &Tensor)]) -> Result<Vec<Tensor>> {
-        let mut first: Vec<(&Linear, &Tensor)> = Vec::with_capacity(items.len() * 2);
+    /// Several MLPs on their own row-major inputs `[t, hidden]` (the experts a batch routes to), each
+    /// projection stage of all of them in one parallel region.
+    pub fn apply_many(items: &[(&Mlp, &[f32])]) -> Result<Vec<Vec<f32>>> {
+        let mut first: Vec<(&Linear, &[f32])> = Vec::with_capacity(items.len() * 2);
         for (m, x) in items {
             first.push((&m.gate, *x));
             first.push((&m.up, *x));
         }
-        let gu = Linear::forward_many(&first)?;
-        let hidden: Vec<Tensor> = gu
-            .chunks_exact(2)
-            .map(|p| Ok((candle_nn::ops::silu(&p[0])? * &p[1])?))
-            .collect::<Result<_>>()?;
-        let second: Vec<(&Linear, &Tensor)> = items
+        let mut gu = Linear::apply_many(&first)?;
+        // silu(gate) · up into the gate's rows, the MLPs in parallel when there is enough of it.
+        let pairs: Vec<Mutex<&mut [Vec<f32>]>> = gu.chunks_exact_mut(2).map(Mutex::new).collect();
+        let one = |i: usize| {
+            let mut pair = pairs[i].lock().unwrap_or_else(|e| e.into_inner());
+            if let [g, u] = &mut **pair {
+                for (g, u) in g.iter_mut().zip(u.iter()) {
+                    *g = *g / (1.0 + (-*g).exp()) * u;
+                }
+            }
+        };
+        if items.iter().map(|(_, x)| x.len()).sum::<usize>() < PARALLEL_SILU {
+            (0..pairs.len()).for_each(one);
+        } else {
+            Pool::global().run(pairs.len(), &one);
+        }
+        drop(pairs);
+        let second: Vec<(&Linear, &[f32])> = items
             .iter()
-            .zip(&hidden)
-            .map(|((m, _), h)| (&m.down, h))
+            .zip(gu.chunks_exact(2))
+            .map(|((m, _), p)| (&m.down, &p[0][..]))
             .collect();
-        Linear::forward_many(&second)
+        Linear::apply_many(&second)
     }
 }
+
+/// Input values below which the activation runs on the calling thread (a decode step's experts).
+const PARALLEL_SILU: usize = 1 << 16;

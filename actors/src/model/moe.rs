@@ -168,6 +168,7 @@ impl ExpertGroup {
                 .or_default()
                 .push((a.token, a.weight));
         }
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let mut inputs = Vec::with_capacity(by_expert.len());
         for (expert, rows) in &by_expert {
             let mlp = self.experts.get(&(*expert as usize)).ok_or_else(|| {
@@ -176,24 +177,26 @@ impl ExpertGroup {
                     self.layer
                 ))
             })?;
-            let idx: Vec<u32> = rows.iter().map(|r| r.0).collect();
-            let n = idx.len();
-            inputs.push((
-                mlp,
-                x.index_select(&Tensor::from_vec(idx, n, &Device::Cpu)?, 0)?,
-            ));
+            let mut rows_x = Vec::with_capacity(rows.len() * hidden);
+            for &(token, _) in rows {
+                let token = token as usize;
+                let row = xs
+                    .get(token * hidden..(token + 1) * hidden)
+                    .ok_or_else(|| {
+                        Error::Invalid(format!("layer {}: token {token} of {t} routed", self.layer))
+                    })?;
+                rows_x.extend_from_slice(row);
+            }
+            inputs.push((mlp, rows_x));
         }
-        let mut items: Vec<(&Mlp, &Tensor)> = inputs.iter().map(|(m, x)| (*m, x)).collect();
-        items.extend(shared.map(|s| (s, x)));
-        let mut outputs = Mlp::forward_many(&items)?;
+        let mut items: Vec<(&Mlp, &[f32])> = inputs.iter().map(|(m, x)| (*m, &x[..])).collect();
+        items.extend(shared.map(|s| (s, &xs[..])));
+        let mut outputs = Mlp::apply_many(&items)?;
         let mut out: Vec<f32> = match shared {
-            Some(_) => outputs
-                .pop()
-                .map_or(Ok(Vec::new()), |s| s.flatten_all()?.to_vec1())?,
+            Some(_) => outputs.pop().unwrap_or_default(),
             None => vec![0f32; t * hidden],
         };
         for (rows, y) in by_expert.values().zip(outputs) {
-            let y: Vec<f32> = y.flatten_all()?.to_vec1()?;
             for (i, &(token, weight)) in rows.iter().enumerate() {
                 let dst = &mut out[token as usize * hidden..(token as usize + 1) * hidden];
                 for (d, s) in dst.iter_mut().zip(&y[i * hidden..(i + 1) * hidden]) {
