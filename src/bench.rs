@@ -40,7 +40,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     }
     println!("model                    {}", a.model.dir().display());
     println!(
-        "prefill                  {:.1} tok/s ({} tokens)",
+        "prefill                  {:.1} tok/s ({} tokens, median of 3 passes)",
         r.prefill_tok_s, r.prompt_tokens
     );
     println!(
