@@ -91,3 +91,46 @@ impl Mlp {
 
 /// Input values below which the activation runs on the calling thread (a decode step's experts).
 const PARALLEL_SILU: usize = 1 << 16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dense(rows: usize, cols: usize, seed: usize) -> Linear {
+        let w = (0..rows * cols)
+            .map(|i| ((i * 7 + seed * 13) % 23) as f32 / 23.0 - 0.5)
+            .collect();
+        Linear::dense(w, rows, cols).unwrap()
+    }
+
+    #[test]
+    fn many_mlps_in_parallel_match_each_alone_and_candle() {
+        let (hidden, inter, tokens) = (512, 64, 8);
+        let mlps: Vec<Mlp> = (0..20)
+            .map(|s| Mlp {
+                gate: dense(inter, hidden, 3 * s),
+                up: dense(inter, hidden, 3 * s + 1),
+                down: dense(hidden, inter, 3 * s + 2),
+            })
+            .collect();
+        let xs: Vec<Vec<f32>> = (0..mlps.len())
+            .map(|s| {
+                (0..tokens * hidden)
+                    .map(|i| ((i + s) % 31) as f32 / 10.0 - 1.5)
+                    .collect()
+            })
+            .collect();
+        let items: Vec<(&Mlp, &[f32])> = mlps.iter().zip(&xs).map(|(m, x)| (m, &x[..])).collect();
+        // Enough values for the activation to run on the pool; one MLP alone runs it on this thread.
+        assert!(xs.iter().map(Vec::len).sum::<usize>() >= PARALLEL_SILU);
+        let many = Mlp::apply_many(&items).unwrap();
+        for ((m, x), y) in items.iter().zip(&many) {
+            assert_eq!(&Mlp::apply_many(&[(m, x)]).unwrap()[0], y);
+            let xt = Tensor::from_slice(x, (tokens, hidden), &Device::Cpu).unwrap();
+            let lin = |l: &Linear, x: &Tensor| Linear::forward_many(&[(l, x)]).unwrap().remove(0);
+            let h = (candle_nn::ops::silu(&lin(&m.gate, &xt)).unwrap() * lin(&m.up, &xt)).unwrap();
+            let want: Vec<f32> = lin(&m.down, &h).flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(&want, y);
+        }
+    }
+}

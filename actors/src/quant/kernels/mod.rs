@@ -865,30 +865,44 @@ mod tests {
 
     #[test]
     fn many_jobs_in_one_region_equal_one_by_one() {
-        let ms: Vec<AffineMatrix> = (0..5)
-            .map(|i| matrix(300 + i * 7, 256, 4, 64, i as u64))
-            .collect();
-        let xs: Vec<Vec<f32>> = (0..5).map(|i| activations((i % 2 + 1) * 256)).collect();
-        let mut ys: Vec<Vec<f32>> = ms
-            .iter()
-            .zip(&xs)
-            .map(|(m, x)| vec![0f32; x.len() / 256 * m.rows])
-            .collect();
-        let mut jobs: Vec<Job> = ms
-            .iter()
-            .zip(&xs)
-            .zip(ys.iter_mut())
-            .map(|((m, x), y)| Job {
-                w: Weight::Affine(m),
-                x,
-                y,
-            })
-            .collect();
-        matmul_many(Isa::detect(), &mut jobs);
-        for ((m, x), y) in ms.iter().zip(&xs).zip(&ys) {
-            let mut one = vec![0f32; y.len()];
-            affine_matmul(m, x, &mut one);
-            assert_eq!(&one, y);
+        // Five jobs prepare their inputs on the calling thread; 80 jobs of 6–9 tokens (pairs sharing an
+        // input, as gate and up do) have more than `PARALLEL_PREPARE` values and prepare on the pool.
+        for (n, (lo, span), act) in [
+            (5, (1, 2), Activations::F32),
+            (80, (6, 4), Activations::F32),
+            (80, (6, 4), Activations::Int8),
+        ] {
+            let ms: Vec<AffineMatrix> = (0..n)
+                .map(|i| {
+                    let mut m = matrix(300 + i * 7, 256, 4, 64, i as u64);
+                    m.activations = act;
+                    m
+                })
+                .collect();
+            let xs: Vec<Vec<f32>> = (0..n / 2)
+                .map(|i| activations((lo + i % span) * 256))
+                .collect();
+            let values: usize = xs.iter().map(Vec::len).sum();
+            assert_eq!(values >= PARALLEL_PREPARE, n > 5);
+            let x_of = |i: usize| &xs[(i / 2).min(xs.len() - 1)];
+            let mut ys: Vec<Vec<f32>> = (0..n)
+                .map(|i| vec![0f32; x_of(i).len() / 256 * ms[i].rows])
+                .collect();
+            let mut jobs: Vec<Job> = ys
+                .iter_mut()
+                .enumerate()
+                .map(|(i, y)| Job {
+                    w: Weight::Affine(&ms[i]),
+                    x: x_of(i),
+                    y,
+                })
+                .collect();
+            matmul_many(Isa::detect(), &mut jobs);
+            for (i, y) in ys.iter().enumerate() {
+                let mut one = vec![0f32; y.len()];
+                affine_matmul(&ms[i], x_of(i), &mut one);
+                assert_eq!(&one, y, "{n} jobs, {act:?}: job {i}");
+            }
         }
     }
 }
