@@ -58,6 +58,24 @@ pub fn plan(cluster: &ClusterArgs, model: &ModelArgs) -> Result<Plan> {
     Plan::load(&p, model.model.as_deref()).with_context(|| format!("placement {}", p.display()))
 }
 
+/// Waits until one of the spawned `children` (nodes `names`) exits; never returns if none does.
+async fn first_exit(children: &mut [tokio::process::Child], names: &[String]) -> anyhow::Error {
+    loop {
+        for (c, name) in children.iter_mut().zip(names) {
+            match c.try_wait() {
+                Ok(Some(status)) => {
+                    return anyhow::anyhow!(
+                        "node `{name}` exited ({status}) before joining the head"
+                    );
+                }
+                Ok(None) => {}
+                Err(e) => return anyhow::anyhow!("watching node `{name}`: {e}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 pub async fn start(cluster: &ClusterArgs, model: &ModelArgs) -> Result<Head> {
     let plan = plan(cluster, model)?;
     let mut children = Vec::new();
@@ -94,9 +112,13 @@ pub async fn start(cluster: &ClusterArgs, model: &ModelArgs) -> Result<Head> {
         progress,
         wait: Duration::from_secs(cluster.wait),
     };
-    let runtime = Runtime::start(plan, opts)
-        .await
-        .context("starting the model")?;
+    let names: Vec<String> = plan.nodes[1..].iter().map(|n| n.name.clone()).collect();
+    // A spawned node that exits before joining (its port taken, its model missing) fails the start at once,
+    // instead of after `--wait`; its own error is on the inherited stderr.
+    let runtime = tokio::select! {
+        r = Runtime::start(plan, opts) => r.context("starting the model")?,
+        e = first_exit(&mut children, &names) => return Err(e),
+    };
     bar.finish_and_clear();
     if runtime.plan.is_distributed() {
         for s in &runtime.joined {

@@ -1,5 +1,6 @@
 //! Faults: a worker with another model or another placement is refused; a peer without the secret cannot
-//! join; a worker killed or frozen mid-generation fails the request within 5 s.
+//! join; a worker killed or frozen mid-generation fails the request within 5 s; a spawned worker that exits
+//! before joining fails the head at once.
 
 mod common;
 use common::*;
@@ -47,6 +48,41 @@ fn head_fails(p: &std::path::Path, wait: &str) -> String {
     let out = kimi().args(args).output().unwrap();
     assert!(!out.status.success(), "kimi-actors {args:?} should fail");
     String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn a_spawned_worker_that_exits_fails_the_head_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = two_node_placement(
+        dir.path(),
+        "layer-split",
+        &fixture("tiny-kimi-mlx-mixed"),
+        "",
+    );
+    // Worker `b` is pointed at a model that does not exist: it exits while the head waits for it.
+    let missing = dir.path().join("no-such-model");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let (head, worker) = text.split_at(text.rfind("[[node]]").unwrap());
+    let worker = worker.replace(
+        &fixture("tiny-kimi-mlx-mixed").display().to_string(),
+        &missing.display().to_string(),
+    );
+    std::fs::write(&p, format!("{head}{worker}")).unwrap();
+    let t = Instant::now();
+    let args = [
+        "logits",
+        "--placement",
+        p.to_str().unwrap(),
+        "--spawn-local",
+        "--prompt-ids",
+        "1,2",
+    ];
+    let out = kimi().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the head should fail: {err}");
+    assert!(err.contains("node `b` exited"), "{err}");
+    // The default `--wait` is 300 s.
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
 }
 
 #[test]
