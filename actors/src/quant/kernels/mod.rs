@@ -471,16 +471,19 @@ trait Dots {
         widen_into(packed, bits, out)
     }
 
-    /// [`Dots::dot4_i8`] for `N` tokens at once: the row is unpacked once for all of them.
+    /// [`Dots::dot4_i8`] for `N` tokens at once (the row is unpacked once for all of them), plus each
+    /// token's bias term `Σ_g bias_g · Σx_g`.
     #[inline(always)]
     fn dot4_i8_xn<const N: usize>(
         row: &[u8],
         xq: [Q8; N],
-        scales: &[f32],
-        dx: [&[f32]; N],
+        (scales, biases): (&[f32], &[f32]),
+        (dx, xsum): ([&[f32]; N], [&[f32]; N]),
         group: usize,
     ) -> [f32; N] {
-        std::array::from_fn(|i| Self::dot4_i8(row, xq[i], scales, dx[i], group))
+        std::array::from_fn(|i| {
+            Self::dot4_i8(row, xq[i], scales, dx[i], group) + bias_dot(biases, xsum[i])
+        })
     }
 
     /// [`Dots::dot4_f32`] for `N` tokens at once.
@@ -667,29 +670,27 @@ fn tokens_pass<K: Dots, const N: usize>(
     t0: usize,
 ) {
     let dots = if px.xq.is_empty() {
-        K::dot4_f32_xn::<N>(
+        let dots = K::dot4_f32_xn::<N>(
             row,
             std::array::from_fn(|k| px.xf_of(t0 + k)),
             row_s,
             px.group,
-        )
+        );
+        std::array::from_fn(|k| dots[k] + bias_dot(row_b, px.xsum_of(t0 + k)))
     } else {
         K::dot4_i8_xn::<N>(
             row,
             std::array::from_fn(|k| px.xq_of(t0 + k)),
-            row_s,
-            std::array::from_fn(|k| px.dx_of(t0 + k)),
+            (row_s, row_b),
+            (
+                std::array::from_fn(|k| px.dx_of(t0 + k)),
+                std::array::from_fn(|k| px.xsum_of(t0 + k)),
+            ),
             px.group,
         )
     };
     for (k, d) in dots.into_iter().enumerate() {
-        store(
-            out,
-            m.rows,
-            r,
-            t0 + k,
-            d + bias_dot(row_b, px.xsum_of(t0 + k)),
-        );
+        store(out, m.rows, r, t0 + k, d);
     }
 }
 

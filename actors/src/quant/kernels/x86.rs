@@ -71,26 +71,29 @@ impl Dots for Avx512 {
     fn dot4_i8_xn<const N: usize>(
         row: &[u8],
         xq: [Q8; N],
-        scales: &[f32],
-        dx: [&[f32]; N],
+        (scales, biases): (&[f32], &[f32]),
+        (dx, xsum): ([&[f32]; N], [&[f32]; N]),
         group: usize,
     ) -> [f32; N] {
         unsafe {
             if xq[0].units {
+                let sb = (scales, biases);
+                let dxs = (dx, xsum);
                 return match (group, is_wide(row, scales, group)) {
-                    (64, true) => dot4_i8_xn_units::<1, N, true>(row, xq, scales, dx),
-                    (64, false) => dot4_i8_xn_units::<1, N, false>(row, xq, scales, dx),
-                    (_, true) => dot4_i8_xn_units::<2, N, true>(row, xq, scales, dx),
-                    (_, false) => dot4_i8_xn_units::<2, N, false>(row, xq, scales, dx),
+                    (64, true) => dot4_i8_xn_units::<1, N, true>(row, xq, sb, dxs),
+                    (64, false) => dot4_i8_xn_units::<1, N, false>(row, xq, sb, dxs),
+                    (_, true) => dot4_i8_xn_units::<2, N, true>(row, xq, sb, dxs),
+                    (_, false) => dot4_i8_xn_units::<2, N, false>(row, xq, sb, dxs),
                 };
             }
-            match (group, is_wide(row, scales, group)) {
+            let dots = match (group, is_wide(row, scales, group)) {
                 (32, _) => dot4_i8_vnni_xn_g32(row, xq, scales, dx),
                 (64, true) => dot4_i8_xn_zmm::<1, N, true>(row, xq, scales, dx),
                 (64, false) => dot4_i8_xn_zmm::<1, N, false>(row, xq, scales, dx),
                 (_, true) => dot4_i8_xn_zmm::<2, N, true>(row, xq, scales, dx),
                 (_, false) => dot4_i8_xn_zmm::<2, N, false>(row, xq, scales, dx),
-            }
+            };
+            std::array::from_fn(|t| dots[t] + super::bias_dot(biases, xsum[t]))
         }
     }
     #[inline(always)]
@@ -857,8 +860,8 @@ unsafe fn unit_blocks<const WIDE: bool>(p: *const u8, u: usize) -> [__m512i; 4] 
 unsafe fn dot4_i8_xn_units<const CHUNKS: usize, const N: usize, const WIDE: bool>(
     row: &[u8],
     xq: [Q8; N],
-    scales: &[f32],
-    dx: [&[f32]; N],
+    (scales, biases): (&[f32], &[f32]),
+    (dx, xsum): ([&[f32]; N], [&[f32]; N]),
 ) -> [f32; N] {
     let mut acc = [_mm512_setzero_ps(); N];
     let p = row.as_ptr();
@@ -882,9 +885,13 @@ unsafe fn dot4_i8_xn_units<const CHUNKS: usize, const N: usize, const WIDE: bool
                 (1 << (groups - g0)) - 1
             };
             let sv = unsafe { _mm512_maskz_loadu_ps(m, scales.as_ptr().add(g0)) };
+            let bv = unsafe { _mm512_maskz_loadu_ps(m, biases.as_ptr().add(g0)) };
             for t in 0..N {
                 let d = unsafe { _mm512_maskz_loadu_ps(m, dx[t].as_ptr().add(g0)) };
                 sd[t] = _mm512_mul_ps(sv, d);
+                // The bias term of these groups, `bias · Σx`, joins the token's lanes.
+                let xs = unsafe { _mm512_maskz_loadu_ps(m, xsum[t].as_ptr().add(g0)) };
+                acc[t] = _mm512_fmadd_ps(bv, xs, acc[t]);
             }
             idx = first;
         }
