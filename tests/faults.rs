@@ -34,20 +34,33 @@ fn worker(placement: &std::path::Path, extra: &[&str], secret: &str) -> Proc {
     Proc(c.spawn().unwrap())
 }
 
-/// Runs `logits` as the head of placement `p`, waiting `wait` seconds for the nodes; it must fail: its stderr.
-fn head_fails(p: &std::path::Path, wait: &str) -> String {
-    let args = [
+/// Runs `logits` as the head of placement `p` with `extra` arguments; it must fail: its stderr.
+fn head_fails(p: &std::path::Path, extra: &[&str]) -> String {
+    let mut args = vec![
         "logits",
         "--placement",
         p.to_str().unwrap(),
         "--prompt-ids",
         "1,2",
-        "--wait",
-        wait,
     ];
-    let out = kimi().args(args).output().unwrap();
+    args.extend(extra);
+    let out = kimi().args(&args).output().unwrap();
     assert!(!out.status.success(), "kimi-actors {args:?} should fail");
     String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// Points node `b` (the last node of `p`) at `model`.
+fn set_worker_model(p: &std::path::Path, model: &std::path::Path) {
+    let text = std::fs::read_to_string(p).unwrap();
+    let pos = text.rfind("model = ").unwrap();
+    let line_end = pos + text[pos..].find('\n').unwrap();
+    let text = format!(
+        "{}model = \"{}\"{}",
+        &text[..pos],
+        model.display(),
+        &text[line_end..]
+    );
+    std::fs::write(p, text).unwrap();
 }
 
 #[test]
@@ -60,26 +73,9 @@ fn a_spawned_worker_that_exits_fails_the_head_at_once() {
         "",
     );
     // Worker `b` is pointed at a model that does not exist: it exits while the head waits for it.
-    let missing = dir.path().join("no-such-model");
-    let text = std::fs::read_to_string(&p).unwrap();
-    let (head, worker) = text.split_at(text.rfind("[[node]]").unwrap());
-    let worker = worker.replace(
-        &fixture("tiny-kimi-mlx-mixed").display().to_string(),
-        &missing.display().to_string(),
-    );
-    std::fs::write(&p, format!("{head}{worker}")).unwrap();
+    set_worker_model(&p, &dir.path().join("no-such-model"));
     let t = Instant::now();
-    let args = [
-        "logits",
-        "--placement",
-        p.to_str().unwrap(),
-        "--spawn-local",
-        "--prompt-ids",
-        "1,2",
-    ];
-    let out = kimi().args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the head should fail: {err}");
+    let err = head_fails(&p, &["--spawn-local"]);
     assert!(err.contains("node `b` exited"), "{err}");
     // The default `--wait` is 300 s.
     assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
@@ -95,16 +91,9 @@ fn a_worker_with_another_model_is_refused() {
         "",
     );
     // Node b points at another checkpoint of the same architecture.
-    let text = std::fs::read_to_string(&p).unwrap();
-    let pos = text.rfind("model = ").unwrap();
-    let other = format!(
-        "{}model = \"{}\"\n",
-        &text[..pos],
-        fixture("tiny-kimi-bf16").display()
-    );
-    std::fs::write(&p, other).unwrap();
+    set_worker_model(&p, &fixture("tiny-kimi-bf16"));
     let _b = worker(&p, &[], SECRET);
-    let err = head_fails(&p, "20");
+    let err = head_fails(&p, &["--wait", "20"]);
     assert!(
         err.contains("refused") && err.contains("node `b` has a different model"),
         "{err}"
@@ -123,7 +112,7 @@ fn a_worker_with_another_placement_is_refused() {
     )
     .unwrap();
     let _b = worker(&theirs, &[], SECRET);
-    let err = head_fails(&p, "20");
+    let err = head_fails(&p, &["--wait", "20"]);
     assert!(
         err.contains("refused") && err.contains("different placement"),
         "{err}"
@@ -141,7 +130,7 @@ fn a_worker_without_the_secret_cannot_join() {
     );
     let _b = worker(&p, &[], "not-the-secret");
     let t = Instant::now();
-    let err = head_fails(&p, "4");
+    let err = head_fails(&p, &["--wait", "4"]);
     assert!(err.contains("no authenticated cluster session"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(30));
 }
