@@ -4,7 +4,8 @@
 //!
 //! - **4-bit** rows are unpacked in registers. The codes of each chunk (`min(group, 64)` codes, half as many
 //!   bytes) come out as the low nibbles (even codes) then the high nibbles (odd codes), so the activations are
-//!   permuted once per call to that order.
+//!   permuted once per call to that order. Several tokens on AVX-512 (int8, groups of 64 or 128, columns a
+//!   multiple of 256) also have their chunks' blocks transposed per [`UNIT`] ([`transpose_units`]).
 //! - **8-bit** rows are their own codes. **2- and 3-bit** rows are widened and take the 4-bit kernels: to 4-bit
 //!   rows (64-bit word arithmetic; AVX-512 VBMI where present), or with VBMI on the int8 path to a byte per code
 //!   in the unpacked chunk order, which those kernels load as it is. **5- and 6-bit** rows are widened to a
