@@ -49,7 +49,8 @@ pub fn read_bandwidth_gb_s() -> f64 {
 /// Prefill passes timed; the report gives their median.
 const PREFILL_PASSES: usize = 3;
 
-/// Prefills `prompt_tokens` pseudo-random tokens (median of [`PREFILL_PASSES`]), then decodes `decode_tokens` greedily, one at a time.
+/// Prefills `prompt_tokens` pseudo-random tokens (the median of three passes), then decodes `decode_tokens`
+/// greedily, one at a time.
 pub fn run(model: &Model, prompt_tokens: usize, decode_tokens: usize) -> Result<BenchReport> {
     let prompt = bench_prompt(prompt_tokens, model.config.vocab_size as u64);
     // Warm-up: first-touch allocations and thread start-up stay out of the timings.
