@@ -243,7 +243,13 @@ fn lane_sum(c: &[f32]) -> f32 {
             lanes[i] += v[i];
         }
     }
-    lanes.iter().sum::<f32>() + tail
+    lane_total(&lanes) + tail
+}
+
+/// The sixteen lanes of [`lane_sum`], added in order.
+#[inline(always)]
+fn lane_total(lanes: &[f32; 16]) -> f32 {
+    lanes.iter().sum::<f32>()
 }
 
 /// `max |c|` in sixteen lanes (a group of int8 activations: a multiple of 32 long).
@@ -533,6 +539,10 @@ fn run_rows(isa: Isa, w: Weight, px: &Prepared, out: &Out, r0: usize, r1: usize)
 fn prepare(isa: Isa, x: &[f32], cols: usize, key: (usize, bool, Activations)) -> Prepared {
     match isa {
         // SAFETY: as in `run_rows`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if key.2 == Activations::Int8 && key.0.is_multiple_of(64) => unsafe {
+            x86::prepare_int8_avx512(x, cols, key.0, key.1, true)
+        },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { x86::prepare_avx2(x, cols, key, true) },
         #[cfg(target_arch = "x86_64")]
@@ -862,6 +872,41 @@ mod tests {
                 }],
             );
             assert!(max_err(&y, &want) < 1e-3, "{isa:?}: {}", max_err(&y, &want));
+        }
+    }
+
+    /// The AVX-512 int8 preparation writes what the portable one writes, bit for bit, in both orders.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_int8_preparation_equals_the_portable_one() {
+        if !x86::has_avx512() {
+            return;
+        }
+        for (tokens, cols, group, nibbles) in [
+            (1, 2048, 64, true),
+            (3, 2048, 64, true),
+            (5, 768, 64, true),
+            (2, 1280, 128, true),
+            (4, 192, 64, true),
+            (3, 512, 64, false),
+            (2, 256, 128, false),
+        ] {
+            let mut x = activations(tokens * cols);
+            x[5] = 0.0;
+            // An all-zero group takes the unit step.
+            x[(tokens - 1) * cols..(tokens - 1) * cols + group].fill(0.0);
+            for units in [false, true] {
+                let want = Prepared::new(&x, cols, (group, nibbles, Activations::Int8), units);
+                // SAFETY: checked above.
+                let got = unsafe { x86::prepare_int8_avx512(&x, cols, group, nibbles, units) };
+                let case = format!("{tokens}×{cols} g{group} nibbles {nibbles} units {units}");
+                assert_eq!(got.units, want.units, "{case}");
+                assert_eq!(got.xq, want.xq, "{case}");
+                assert_eq!(got.xr, want.xr, "{case}");
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got.dx), bits(&want.dx), "{case}");
+                assert_eq!(bits(&got.xsum), bits(&want.xsum), "{case}");
+            }
         }
     }
 
