@@ -1,20 +1,24 @@
 //! Multi-head latent attention (MLA), DeepSeek-V3's attention, in the absorbed form throughout:
 //! queries are mapped into the latent space through `embed_q`, attend over the cached latents
 //! `[latent | k_pe]` as one shared key/value head (MQA), and the output leaves through `unembed_out`.
-//! Prefill and decode use the same math, so one sequence's result never depends on how it was batched.
+//! Prefill and decode use the same math. A step of many new tokens of one sequence (a prefill) splits the
+//! heads over the kernels' pool and applies `embed_q` and `unembed_out` in f32 from dequantized weights, which
+//! on the int8 activation path is the more exact of the two.
 //!
 //! Shapes: `T` tokens in the step (all sequences), `L` tokens of one sequence in the step, `P` already cached,
 //! `N = P + L`, `h` heads, `r` = `kv_lora_rank`, `n` = `qk_nope_head_dim`, `e` = `qk_rope_head_dim`, `v` = `v_head_dim`.
 
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::cache::LatentCache;
 use crate::model::linear::Linear;
 use crate::model::norm::RmsNorm;
 use crate::model::rope::Rope;
+use crate::quant::pool::Pool;
 use crate::weights::Weights;
 use candle_core::{Device, Tensor};
 use std::ops::Range;
+use std::sync::Mutex;
 
 /// mlx-lm and HF give the LoRA norms a fixed epsilon, independent of `rms_norm_eps`.
 const LORA_NORM_EPS: f32 = 1e-6;
@@ -58,6 +62,24 @@ impl HeadLinear {
                     .collect::<candle_core::Result<_>>()?;
                 let items: Vec<(&Linear, &Tensor)> = heads.iter().zip(&xs).collect();
                 Ok(Tensor::stack(&Linear::forward_many(&items)?, 0)?)
+            }
+        }
+    }
+
+    /// Heads `heads` as f32 `[hh, out, in]` (dequantized if quantized).
+    fn heads_f32(&self, heads: Range<usize>) -> Result<Tensor> {
+        match self {
+            HeadLinear::Dense(w) => Ok(w.narrow(0, heads.start, heads.len())?),
+            HeadLinear::Kernel(all) => {
+                let first = all
+                    .first()
+                    .ok_or_else(|| Error::Invalid("attention has no heads".into()))?;
+                let (o, i) = (first.out_dim(), first.in_dim());
+                let mut w = vec![0f32; heads.len() * o * i];
+                for (l, dst) in all[heads.clone()].iter().zip(w.chunks_exact_mut(o * i)) {
+                    l.to_f32_into(dst)?;
+                }
+                Ok(Tensor::from_vec(w, (heads.len(), o, i), &Device::Cpu)?)
             }
         }
     }
@@ -220,31 +242,79 @@ impl Attention {
             .reshape((l, e))?;
         cache.append(&Tensor::cat(&[latent, &k_pe], 1)?)?;
         let kv = cache.view()?; // [N, r+e]
-        let total = past + l;
 
-        let q_lat = self.embed_q.forward(&q_nope)?; // [h, L, r]
-        let query = Tensor::cat(&[&q_lat, &q_pe], 2)?.reshape((h * l, r + e))?;
-        let mut scores = (query.matmul(&kv.t()?)? * self.scale)?; // [h·L, N]
-        if l > 1 {
-            scores = scores.broadcast_add(&causal_mask(h, l, past, total)?)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out_lat = probs
-            .matmul(&kv.narrow(1, 0, r)?.contiguous()?)?
-            .reshape((h, l, r))?;
-        let out = self.unembed_out.forward(&out_lat)?; // [h, L, v]
+        let values = kv.narrow(1, 0, r)?.contiguous()?; // [N, r]
+        let out = if l < HEADS_ON_POOL {
+            let q_lat = self.embed_q.forward(&q_nope)?; // [h, L, r]
+            let out_lat = self.core(&q_lat, &q_pe, &kv, &values, past)?;
+            self.unembed_out.forward(&out_lat)? // [h, L, v]
+        } else {
+            // Many new tokens: a share of the heads per task on the kernels' pool, with each head's `embed_q`
+            // and `unembed_out` dequantized and applied in f32 (against `L` tokens the dequantization is a
+            // small cost; the kernels' per-row work on these narrow matrices is not).
+            let tasks = Pool::global().threads().min(h);
+            let part = |t: usize| -> Result<Tensor> {
+                let heads = h * t / tasks..h * (t + 1) / tasks;
+                let (h0, hh) = (heads.start, heads.len());
+                let embed_q = self.embed_q.heads_f32(heads.clone())?; // [hh, r, n]
+                let q_lat = q_nope
+                    .narrow(0, h0, hh)?
+                    .matmul(&embed_q.transpose(1, 2)?)?;
+                let q_pe = q_pe.narrow(0, h0, hh)?;
+                let out_lat = self.core(&q_lat, &q_pe, &kv, &values, past)?;
+                let unembed_out = self.unembed_out.heads_f32(heads)?; // [hh, v, r]
+                Ok(out_lat.matmul(&unembed_out.transpose(1, 2)?)?) // [hh, L, v]
+            };
+            let parts: Vec<Mutex<Option<Result<Tensor>>>> =
+                (0..tasks).map(|_| Mutex::new(None)).collect();
+            Pool::global().run(tasks, &|t| {
+                let out = part(t);
+                *parts[t].lock().unwrap_or_else(|e| e.into_inner()) = Some(out);
+            });
+            let parts = parts
+                .into_iter()
+                .map(
+                    |p| match p.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                        Some(out) => out,
+                        None => Err(Error::Invalid("an attention task did not run".into())),
+                    },
+                )
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)?
+        };
         Ok(out.transpose(0, 1)?.contiguous()?.reshape((l, ()))?)
     }
+
+    /// Scaled dot-product attention of some heads over the cached latents: `q_lat: [hh, L, r]`,
+    /// `q_pe: [hh, L, e]`, `kv: [N, r+e]`, `values: [N, r]` (the latent part of `kv`); `past` tokens
+    /// were cached before these `L` → `[hh, L, r]`.
+    fn core(
+        &self,
+        q_lat: &Tensor,
+        q_pe: &Tensor,
+        kv: &Tensor,
+        values: &Tensor,
+        past: usize,
+    ) -> Result<Tensor> {
+        let (hh, l, r) = q_lat.dims3()?;
+        let query = Tensor::cat(&[q_lat, q_pe], 2)?.reshape((hh * l, ()))?;
+        let mut scores = (query.matmul(&kv.t()?)? * self.scale)?; // [hh·L, N]
+        if l > 1 {
+            scores = (scores + causal_mask(hh, l, past, kv.dims()[0])?)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        Ok(probs.matmul(values)?.reshape((hh, l, r))?)
+    }
 }
+
+/// New tokens of one sequence's step from which the heads' attention runs on the pool (see [`Attention::attend`]).
+const HEADS_ON_POOL: usize = 16;
 
 /// `[h·L, N]` additive mask: query `i` of the step (position `past + i`) sees keys `0..=past + i`.
 fn causal_mask(h: usize, l: usize, past: usize, total: usize) -> Result<Tensor> {
     let mut m = vec![0f32; h * l * total];
-    for row in 0..h * l {
-        let i = row % l;
-        for j in past + i + 1..total {
-            m[row * total + j] = f32::NEG_INFINITY;
-        }
+    for (row, keys) in m.chunks_exact_mut(total).enumerate() {
+        keys[past + row % l + 1..].fill(f32::NEG_INFINITY);
     }
     Ok(Tensor::from_vec(m, (h * l, total), &Device::Cpu)?)
 }

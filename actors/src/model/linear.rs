@@ -142,6 +142,15 @@ impl Linear {
     }
 
     /// The whole matrix as f32, row-major.
+    /// The matrix as f32 into `out` (`out_dim · in_dim` values, row-major).
+    pub fn to_f32_into(&self, out: &mut [f32]) -> Result<()> {
+        match self {
+            Linear::Affine(m) => m.dequantize_into(out),
+            _ => out.copy_from_slice(&self.to_f32()?),
+        }
+        Ok(())
+    }
+
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         Ok(match self {
             Linear::Dense(w) => w.flatten_all()?.to_vec1()?,

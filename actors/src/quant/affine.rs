@@ -125,10 +125,29 @@ impl AffineMatrix {
 
     pub fn dequantize(&self) -> Vec<f32> {
         let mut w = vec![0f32; self.rows * self.cols];
-        for (r, row) in w.chunks_exact_mut(self.cols).enumerate() {
-            self.dequantize_row(r, row);
-        }
+        self.dequantize_into(&mut w);
         w
+    }
+
+    /// The whole matrix as f32 into `w` (`rows · cols` values, row-major).
+    pub fn dequantize_into(&self, w: &mut [f32]) {
+        let gpr = self.groups_per_row();
+        let (mut codes, mut scales, mut biases) =
+            (vec![0u8; self.cols], vec![0f32; gpr], vec![0f32; gpr]);
+        let rb = self.row_bytes();
+        // Row by row with one buffer of codes, so the multiply-add over each group vectorizes.
+        for (r, row) in w.chunks_exact_mut(self.cols).enumerate() {
+            unpack(&self.packed[r * rb..(r + 1) * rb], self.bits, &mut codes);
+            self.rows_scales(r..r + 1, &mut scales, &mut biases);
+            let groups = row
+                .chunks_exact_mut(self.group)
+                .zip(codes.chunks_exact(self.group));
+            for ((o, q), (&s, &b)) in groups.zip(scales.iter().zip(&biases)) {
+                for (o, &q) in o.iter_mut().zip(q) {
+                    *o = s * q as f32 + b;
+                }
+            }
+        }
     }
 
     /// `y[t, rows] = x[t, cols] · Wᵀ` for `t = x.len() / cols` tokens, on this matrix's activation path.
