@@ -493,6 +493,19 @@ trait Dots {
         })
     }
 
+    /// Int8 tokens `tokens` against rows `rows` of 4-bit matrix `m`, all at once, where this set has a kernel
+    /// for that case (it then stores the outputs and returns true).
+    #[inline(always)]
+    fn int8_rows_xn(
+        _m: &AffineMatrix,
+        _px: &Prepared,
+        _out: &Out,
+        _rows: std::ops::Range<usize>,
+        _tokens: std::ops::Range<usize>,
+    ) -> bool {
+        false
+    }
+
     /// [`Dots::dot4_f32`] for `N` tokens at once.
     #[inline(always)]
     fn dot4_f32_xn<const N: usize>(
@@ -629,6 +642,9 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     let blocks = if multi { px.tokens.div_ceil(width) } else { 1 };
     for b in 0..blocks {
         let (t0, t1) = (px.tokens * b / blocks, px.tokens * (b + 1) / blocks);
+        if multi && int8 && K::int8_rows_xn(m, px, out, r..r1, t0..t1) {
+            continue;
+        }
         for r in r..r1 {
             m.rows_scales(r..r + 1, &mut scales[..gpr], &mut biases[..gpr]);
             let (row_s, row_b) = (&scales[..gpr], &biases[..gpr]);
@@ -736,6 +752,7 @@ fn bias_dot(biases: &[f32], xsum: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::affine::ScaleType;
 
     fn matrix(rows: usize, cols: usize, bits: u32, group: usize, seed: u64) -> AffineMatrix {
         let mut s = seed;
@@ -769,6 +786,30 @@ mod tests {
             }
         }
         y
+    }
+
+    /// `m` with its scales and biases stored as `st`.
+    fn with_scale_type(m: &AffineMatrix, st: ScaleType) -> AffineMatrix {
+        let n = m.rows * m.groups_per_row();
+        let store = |b: &[u8]| {
+            let values = (0..n).map(|i| ScaleType::F32.read(b, i));
+            let bytes: Vec<u8> = match st {
+                ScaleType::F32 => values.flat_map(f32::to_le_bytes).collect(),
+                ScaleType::Bf16 => values
+                    .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+                ScaleType::F16 => values
+                    .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
+                    .collect(),
+            };
+            crate::weights::Buf::owned(bytes)
+        };
+        AffineMatrix {
+            scales: store(&m.scales),
+            biases: store(&m.biases),
+            scale_type: st,
+            ..m.clone()
+        }
     }
 
     fn max_err(a: &[f32], b: &[f32]) -> f32 {
@@ -827,8 +868,11 @@ mod tests {
             .flat_map(|(t, b)| [64, 96, 128, 256, 1280].map(|c| (t, b, c)));
         for (t, bits, cols) in cases {
             let x = activations(t * cols);
-            for group in [32, 64, 128].into_iter().filter(|g| cols % g == 0) {
-                let m = matrix(rows, cols, bits, group, 5);
+            let groups = [32, 64, 128].into_iter().filter(|g| cols % g == 0);
+            // Checkpoints store scales as bf16 or f16 (converted as they are read) as well as f32.
+            let types = [ScaleType::F32, ScaleType::Bf16, ScaleType::F16];
+            for (group, st) in groups.flat_map(|g| types.map(|st| (g, st))) {
+                let m = with_scale_type(&matrix(rows, cols, bits, group, 5), st);
                 let mut want = vec![0f32; t * rows];
                 affine_matmul_isa(Isa::Scalar, &m, &x, &mut want, Activations::Int8);
                 for isa in Isa::available() {
@@ -837,7 +881,7 @@ mod tests {
                     for (a, b) in y.iter().zip(&want) {
                         assert!(
                             (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                            "{isa:?} bits {bits} g {group} cols {cols} t {t}: {a} vs {b}"
+                            "{isa:?} bits {bits} g {group} {st:?} cols {cols} t {t}: {a} vs {b}"
                         );
                     }
                 }

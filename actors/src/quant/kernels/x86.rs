@@ -4,6 +4,7 @@
 //! 256-bit form for groups of 32 and a 512-bit form for 64 and 128 (one or two 64-code chunks per group).
 
 use super::{Activations, Dots, Out, Prepared, Q8, UNIT, Weight, rows};
+use crate::quant::affine::{AffineMatrix, ScaleType};
 use std::arch::x86_64::*;
 
 /// AVX2 + FMA kernels (the `Dots` impls are only reached through the `target_feature` entry points).
@@ -75,17 +76,8 @@ impl Dots for Avx512 {
         (dx, xsum): ([&[f32]; N], [&[f32]; N]),
         group: usize,
     ) -> [f32; N] {
+        debug_assert!(!xq[0].units, "unit-order activations take `int8_rows_xn`");
         unsafe {
-            if xq[0].units {
-                let sb = (scales, biases);
-                let dxs = (dx, xsum);
-                return match (group, is_wide(row, scales, group)) {
-                    (64, true) => dot4_i8_xn_units::<1, N, true>(row, xq, sb, dxs),
-                    (64, false) => dot4_i8_xn_units::<1, N, false>(row, xq, sb, dxs),
-                    (_, true) => dot4_i8_xn_units::<2, N, true>(row, xq, sb, dxs),
-                    (_, false) => dot4_i8_xn_units::<2, N, false>(row, xq, sb, dxs),
-                };
-            }
             let dots = match (group, is_wide(row, scales, group)) {
                 (32, _) => dot4_i8_vnni_xn_g32(row, xq, scales, dx),
                 (64, true) => dot4_i8_xn_zmm::<1, N, true>(row, xq, scales, dx),
@@ -94,6 +86,31 @@ impl Dots for Avx512 {
                 (_, false) => dot4_i8_xn_zmm::<2, N, false>(row, xq, scales, dx),
             };
             std::array::from_fn(|t| dots[t] + super::bias_dot(biases, xsum[t]))
+        }
+    }
+    #[inline(always)]
+    fn int8_rows_xn(
+        m: &AffineMatrix,
+        px: &Prepared,
+        out: &Out,
+        rows: std::ops::Range<usize>,
+        tokens: std::ops::Range<usize>,
+    ) -> bool {
+        if !px.units {
+            return false;
+        }
+        // 2- and 3-bit rows are widened as `widen` does: a byte per code with VBMI, else to 4 bits.
+        let wide = m.bits != 4 && has_vbmi();
+        // SAFETY: this set is only used where AVX-512 + VNNI exist; `px.units` means int8 activations of
+        // 4-bit-order rows in unit order, columns a multiple of [`UNIT`], groups of 64 or 128.
+        unsafe {
+            match (m.group, wide) {
+                (64, false) => units_rows_n::<1, false>(m, px, out, rows, tokens),
+                (64, true) => units_rows_n::<1, true>(m, px, out, rows, tokens),
+                (128, false) => units_rows_n::<2, false>(m, px, out, rows, tokens),
+                (128, true) => units_rows_n::<2, true>(m, px, out, rows, tokens),
+                _ => false,
+            }
         }
     }
     #[inline(always)]
@@ -952,75 +969,148 @@ unsafe fn unit_blocks<const WIDE: bool>(p: *const u8, u: usize) -> [__m512i; 4] 
     }
 }
 
-/// [`dot4_i8_xn_zmm`] over activations in [`super::transpose_units`] order (groups of `64 · CHUNKS`):
-/// per unit of four chunks and token, eight `vpdpbusd` leave each chunk's sums in four lanes, and one
-/// conversion, one permutation (each lane's `s·dx`) and one multiply-add finish them.
+/// Sixteen scales or biases of a row from group `g0` (`m` masks the groups that exist) as f32.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn scales16(raw: *const u8, st: ScaleType, g0: usize, m: __mmask16) -> __m512 {
+    unsafe {
+        match st {
+            ScaleType::Bf16 => {
+                let h = _mm256_maskz_loadu_epi16(m, raw.add(2 * g0) as *const _);
+                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+            }
+            ScaleType::F16 => {
+                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, raw.add(2 * g0) as *const _))
+            }
+            ScaleType::F32 => _mm512_maskz_loadu_ps(m, raw.add(4 * g0) as *const f32),
+        }
+    }
+}
+
+/// [`units_rows`] for a block of 2 to 8 tokens; false for other counts.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn dot4_i8_xn_units<const CHUNKS: usize, const N: usize, const WIDE: bool>(
-    row: &[u8],
-    xq: [Q8; N],
-    (scales, biases): (&[f32], &[f32]),
-    (dx, xsum): ([&[f32]; N], [&[f32]; N]),
-) -> [f32; N] {
-    let mut acc = [_mm512_setzero_ps(); N];
-    let p = row.as_ptr();
-    let q = xq.map(|x| x.q.as_ptr());
-    let r = xq.map(|x| x.r.as_ptr());
-    let groups = scales.len();
+unsafe fn units_rows_n<const CHUNKS: usize, const WIDE: bool>(
+    m: &AffineMatrix,
+    px: &Prepared,
+    out: &Out,
+    rows: std::ops::Range<usize>,
+    tokens: std::ops::Range<usize>,
+) -> bool {
+    let t0 = tokens.start;
+    unsafe {
+        match tokens.len() {
+            2 => units_rows::<CHUNKS, 2, WIDE>(m, px, out, rows, t0),
+            3 => units_rows::<CHUNKS, 3, WIDE>(m, px, out, rows, t0),
+            4 => units_rows::<CHUNKS, 4, WIDE>(m, px, out, rows, t0),
+            5 => units_rows::<CHUNKS, 5, WIDE>(m, px, out, rows, t0),
+            6 => units_rows::<CHUNKS, 6, WIDE>(m, px, out, rows, t0),
+            7 => units_rows::<CHUNKS, 7, WIDE>(m, px, out, rows, t0),
+            8 => units_rows::<CHUNKS, 8, WIDE>(m, px, out, rows, t0),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Int8 tokens `t0..t0 + N` in [`super::transpose_units`] order against rows `rows` (4-bit, or 2/3-bit
+/// widened row by row: to a byte per code in [`nibbles_64`] order if `WIDE`, else to 4 bits), groups of
+/// `64 · CHUNKS`. Per unit of four chunks and token, eight `vpdpbusd` leave each chunk's sums in four
+/// lanes, and one conversion, one permutation (each lane's `s·dx`) and one multiply-add finish them.
+/// Scales and biases are converted in registers as they are read; the sums are stored directly.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn units_rows<const CHUNKS: usize, const N: usize, const WIDE: bool>(
+    m: &AffineMatrix,
+    px: &Prepared,
+    out: &Out,
+    rows: std::ops::Range<usize>,
+    t0: usize,
+) {
+    let (gpr, rb, size) = (m.groups_per_row(), m.row_bytes(), m.scale_type.size());
+    let mut widened = if m.bits == 4 {
+        Vec::new()
+    } else {
+        vec![0u8; m.cols]
+    };
+    let q: [*const i8; N] = std::array::from_fn(|t| px.xq_of(t0 + t).q.as_ptr());
+    let r: [*const i8; N] = std::array::from_fn(|t| px.xq_of(t0 + t).r.as_ptr());
+    let dx: [*const f32; N] = std::array::from_fn(|t| px.dx_of(t0 + t).as_ptr());
+    let xsum: [*const f32; N] = std::array::from_fn(|t| px.xsum_of(t0 + t).as_ptr());
     // Lane l of a unit's sums belongs to its chunk l / 4, i.e. group (l / 4) / CHUNKS of the unit's first.
     let first: [i32; 16] = std::array::from_fn(|l| (l / 4 / CHUNKS) as i32);
     let first = unsafe { _mm512_loadu_si512(first.as_ptr() as *const _) };
     let step = _mm512_set1_epi32((4 / CHUNKS) as i32);
-    // `s·dx` of up to sixteen groups per token, and each lane's index into them.
-    let mut sd = [_mm512_setzero_ps(); N];
-    let mut idx = first;
-    let unit_bytes = if WIDE { UNIT } else { UNIT / 2 };
-    for u in 0..groups * CHUNKS / 4 {
-        let g0 = u * 4 / CHUNKS;
-        if g0.is_multiple_of(16) {
-            let m: __mmask16 = if groups - g0 >= 16 {
-                0xffff
-            } else {
-                (1 << (groups - g0)) - 1
-            };
-            let sv = unsafe { _mm512_maskz_loadu_ps(m, scales.as_ptr().add(g0)) };
-            let bv = unsafe { _mm512_maskz_loadu_ps(m, biases.as_ptr().add(g0)) };
+    let unit_packed = UNIT * m.bits as usize / 8;
+    for row in rows {
+        let packed = &m.packed[row * rb..(row + 1) * rb];
+        let p = if m.bits == 4 {
+            packed.as_ptr()
+        } else {
+            Avx512::widen(packed, m.bits, m.group, true, &mut widened);
+            widened.as_ptr()
+        };
+        let (sr, br) = unsafe {
+            (
+                m.scales.as_ptr().add(row * gpr * size),
+                m.biases.as_ptr().add(row * gpr * size),
+            )
+        };
+        let mut acc = [_mm512_setzero_ps(); N];
+        let mut sd = [_mm512_setzero_ps(); N];
+        let mut idx = first;
+        for u in 0..gpr * CHUNKS / 4 {
+            let g0 = u * 4 / CHUNKS;
+            if g0.is_multiple_of(16) {
+                let mask: __mmask16 = if gpr - g0 >= 16 {
+                    0xffff
+                } else {
+                    (1 << (gpr - g0)) - 1
+                };
+                let sv = unsafe { scales16(sr, m.scale_type, g0, mask) };
+                let bv = unsafe { scales16(br, m.scale_type, g0, mask) };
+                for t in 0..N {
+                    let d = unsafe { _mm512_maskz_loadu_ps(mask, dx[t].add(g0)) };
+                    sd[t] = _mm512_mul_ps(sv, d);
+                    // The bias term of these groups, `bias · Σx`, joins the token's lanes.
+                    let xs = unsafe { _mm512_maskz_loadu_ps(mask, xsum[t].add(g0)) };
+                    acc[t] = _mm512_fmadd_ps(bv, xs, acc[t]);
+                }
+                idx = first;
+            }
+            // Ahead in the checkpoint's row stream (a widened row is already in L1).
+            for line in (0..unit_packed).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    packed
+                        .as_ptr()
+                        .wrapping_add(u * unit_packed + line + PREFETCH)
+                        as *const i8,
+                );
+            }
+            let w = unsafe { unit_blocks::<WIDE>(p, u) };
             for t in 0..N {
-                let d = unsafe { _mm512_maskz_loadu_ps(m, dx[t].as_ptr().add(g0)) };
-                sd[t] = _mm512_mul_ps(sv, d);
-                // The bias term of these groups, `bias · Σx`, joins the token's lanes.
-                let xs = unsafe { _mm512_maskz_loadu_ps(m, xsum[t].as_ptr().add(g0)) };
-                acc[t] = _mm512_fmadd_ps(bv, xs, acc[t]);
+                // `RESIDUAL·Σq + Σr` per lane: the coarse sums, shifted, then the residual ones.
+                let mut i = _mm512_setzero_si512();
+                for (j, &wj) in w.iter().enumerate() {
+                    i = _mm512_dpbusd_epi32(i, wj, unsafe {
+                        _mm512_loadu_si512(q[t].add(UNIT * u + 64 * j) as *const _)
+                    });
+                }
+                i = _mm512_slli_epi32(i, 8);
+                for (j, &wj) in w.iter().enumerate() {
+                    i = _mm512_dpbusd_epi32(i, wj, unsafe {
+                        _mm512_loadu_si512(r[t].add(UNIT * u + 64 * j) as *const _)
+                    });
+                }
+                let lane_sd = _mm512_permutexvar_ps(idx, sd[t]);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), lane_sd, acc[t]);
             }
-            idx = first;
+            idx = _mm512_add_epi32(idx, step);
         }
-        for line in (0..unit_bytes).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(
-                p.wrapping_add(u * unit_bytes + line + PREFETCH) as *const i8
-            );
+        for (t, a) in acc.into_iter().enumerate() {
+            super::store(out, m.rows, row, t0 + t, _mm512_reduce_add_ps(a));
         }
-        let w = unsafe { unit_blocks::<WIDE>(p, u) };
-        for t in 0..N {
-            // `RESIDUAL·Σq + Σr` per lane: the coarse sums, shifted, then the residual ones.
-            let mut i = _mm512_setzero_si512();
-            for (j, &wj) in w.iter().enumerate() {
-                i = _mm512_dpbusd_epi32(i, wj, unsafe {
-                    _mm512_loadu_si512(q[t].add(UNIT * u + 64 * j) as *const _)
-                });
-            }
-            i = _mm512_slli_epi32(i, 8);
-            for (j, &wj) in w.iter().enumerate() {
-                i = _mm512_dpbusd_epi32(i, wj, unsafe {
-                    _mm512_loadu_si512(r[t].add(UNIT * u + 64 * j) as *const _)
-                });
-            }
-            let lane_sd = _mm512_permutexvar_ps(idx, sd[t]);
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), lane_sd, acc[t]);
-        }
-        idx = _mm512_add_epi32(idx, step);
     }
-    acc.map(|v| _mm512_reduce_add_ps(v))
 }
 
 /// [`dot4_f32_zmm`] for `N` tokens: each 16 packed bytes are widened and converted once for all of them.
