@@ -493,10 +493,13 @@ trait Dots {
         })
     }
 
-    /// Int8 tokens `tokens` against rows `rows` of 4-bit matrix `m`, all at once, where this set has a kernel
-    /// for that case (it then stores the outputs and returns true).
+    /// f32 tokens per pass of the several-token kernels (two accumulators each).
+    const F32_TOKENS: usize = 4;
+
+    /// Tokens `tokens` against rows `rows` of 4-bit (or widened) matrix `m`, all in one call, where this set
+    /// has a kernel for that case (it then stores the outputs and returns true).
     #[inline(always)]
-    fn int8_rows_xn(
+    fn rows_xn(
         _m: &AffineMatrix,
         _px: &Prepared,
         _out: &Out,
@@ -637,12 +640,12 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     // eight (int8) or four (f32), so no token runs alone. Blocks outside, rows inside: a block's
     // activations stay in L1 while the task's rows (tens of KB) come again from L2 for each block.
     let multi = nibbles && px.tokens >= 2;
-    // Eight int8 tokens fit the registers; f32 tokens need two accumulators each, so four.
-    let width = if px.xq.is_empty() { 4 } else { 8 };
+    // Eight int8 tokens fit the registers; f32 tokens need two accumulators each.
+    let width = if px.xq.is_empty() { K::F32_TOKENS } else { 8 };
     let blocks = if multi { px.tokens.div_ceil(width) } else { 1 };
     for b in 0..blocks {
         let (t0, t1) = (px.tokens * b / blocks, px.tokens * (b + 1) / blocks);
-        if multi && int8 && K::int8_rows_xn(m, px, out, r..r1, t0..t1) {
+        if multi && K::rows_xn(m, px, out, r..r1, t0..t1) {
             continue;
         }
         for r in r..r1 {

@@ -76,7 +76,7 @@ impl Dots for Avx512 {
         (dx, xsum): ([&[f32]; N], [&[f32]; N]),
         group: usize,
     ) -> [f32; N] {
-        debug_assert!(!xq[0].units, "unit-order activations take `int8_rows_xn`");
+        debug_assert!(!xq[0].units, "unit-order activations take `rows_xn`");
         unsafe {
             let dots = match (group, is_wide(row, scales, group)) {
                 (32, _) => dot4_i8_vnni_xn_g32(row, xq, scales, dx),
@@ -88,14 +88,26 @@ impl Dots for Avx512 {
             std::array::from_fn(|t| dots[t] + super::bias_dot(biases, xsum[t]))
         }
     }
+    const F32_TOKENS: usize = 8;
+
     #[inline(always)]
-    fn int8_rows_xn(
+    fn rows_xn(
         m: &AffineMatrix,
         px: &Prepared,
         out: &Out,
         rows: std::ops::Range<usize>,
         tokens: std::ops::Range<usize>,
     ) -> bool {
+        if px.xq.is_empty() {
+            // SAFETY: as below; f32 activations of 4-bit-order rows (`rows_xn` is asked for those only).
+            return unsafe {
+                match m.group {
+                    64 => f32_rows_n::<1>(m, px, out, rows, tokens),
+                    128 => f32_rows_n::<2>(m, px, out, rows, tokens),
+                    _ => false,
+                }
+            };
+        }
         if !px.units {
             return false;
         }
@@ -1109,6 +1121,129 @@ unsafe fn units_rows<const CHUNKS: usize, const N: usize, const WIDE: bool>(
         }
         for (t, a) in acc.into_iter().enumerate() {
             super::store(out, m.rows, row, t0 + t, _mm512_reduce_add_ps(a));
+        }
+    }
+}
+
+/// [`f32_rows`] for a block of 2 to 8 tokens; false for other counts.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn f32_rows_n<const CHUNKS: usize>(
+    m: &AffineMatrix,
+    px: &Prepared,
+    out: &Out,
+    rows: std::ops::Range<usize>,
+    tokens: std::ops::Range<usize>,
+) -> bool {
+    let t0 = tokens.start;
+    unsafe {
+        match tokens.len() {
+            2 => f32_rows::<CHUNKS, 2>(m, px, out, rows, t0),
+            3 => f32_rows::<CHUNKS, 3>(m, px, out, rows, t0),
+            4 => f32_rows::<CHUNKS, 4>(m, px, out, rows, t0),
+            5 => f32_rows::<CHUNKS, 5>(m, px, out, rows, t0),
+            6 => f32_rows::<CHUNKS, 6>(m, px, out, rows, t0),
+            7 => f32_rows::<CHUNKS, 7>(m, px, out, rows, t0),
+            8 => f32_rows::<CHUNKS, 8>(m, px, out, rows, t0),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// f32 tokens `t0..t0 + N` (permuted to the nibble order) against rows `rows` (4-bit, or 2/3-bit widened to
+/// 4 bits row by row), groups of `64 · CHUNKS`. Each 16 codes are converted once and multiplied by their
+/// group's scale (`s·q`, the dequantized weight less its bias), then meet every token with one FMA; the bias
+/// term `bias · Σx` joins the lanes with one FMA per sixteen groups, and the sums are stored directly.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn f32_rows<const CHUNKS: usize, const N: usize>(
+    m: &AffineMatrix,
+    px: &Prepared,
+    out: &Out,
+    rows: std::ops::Range<usize>,
+    t0: usize,
+) {
+    let (gpr, rb, size) = (m.groups_per_row(), m.row_bytes(), m.scale_type.size());
+    let mut widened = if m.bits == 4 {
+        Vec::new()
+    } else {
+        vec![0u8; m.cols / 2]
+    };
+    let x: [*const f32; N] = std::array::from_fn(|t| px.xf_of(t0 + t).as_ptr());
+    let xsum: [*const f32; N] = std::array::from_fn(|t| px.xsum_of(t0 + t).as_ptr());
+    let lut = codes_lut();
+    let group = 64 * CHUNKS;
+    for row in rows {
+        let packed = &m.packed[row * rb..(row + 1) * rb];
+        let p = if m.bits == 4 {
+            packed.as_ptr()
+        } else {
+            Avx512::widen(packed, m.bits, m.group, false, &mut widened);
+            widened.as_ptr()
+        };
+        let (sr, br) = unsafe {
+            (
+                m.scales.as_ptr().add(row * gpr * size),
+                m.biases.as_ptr().add(row * gpr * size),
+            )
+        };
+        // Two accumulators per token (low and high nibbles) keep 2·N FMA chains in flight.
+        let mut a = [_mm512_setzero_ps(); N];
+        let mut b = [_mm512_setzero_ps(); N];
+        let mut sv = _mm512_setzero_ps();
+        for g in 0..gpr {
+            if g.is_multiple_of(16) {
+                let mask: __mmask16 = if gpr - g >= 16 {
+                    0xffff
+                } else {
+                    (1 << (gpr - g)) - 1
+                };
+                sv = unsafe { scales16(sr, m.scale_type, g, mask) };
+                let bv = unsafe { scales16(br, m.scale_type, g, mask) };
+                for t in 0..N {
+                    let xs = unsafe { _mm512_maskz_loadu_ps(mask, xsum[t].add(g)) };
+                    a[t] = _mm512_fmadd_ps(bv, xs, a[t]);
+                }
+            }
+            let s = _mm512_permutexvar_ps(_mm512_set1_epi32((g % 16) as i32), sv);
+            // Ahead in the checkpoint's row stream (a widened row is already in L1).
+            let at = g * group * m.bits as usize / 8;
+            if at.is_multiple_of(64) {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    packed.as_ptr().wrapping_add(at + PREFETCH) as *const i8
+                );
+            }
+            for k in 0..CHUNKS {
+                let j = g * group + 64 * k;
+                for h in 0..2 {
+                    unsafe {
+                        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            p.add(j / 2 + 16 * h) as *const __m128i
+                        ));
+                        let lo = _mm512_mul_ps(_mm512_permutexvar_ps(v, lut), s);
+                        let hi =
+                            _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), s);
+                        for t in 0..N {
+                            a[t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x[t].add(j + 16 * h)), a[t]);
+                            b[t] = _mm512_fmadd_ps(
+                                hi,
+                                _mm512_loadu_ps(x[t].add(j + 32 + 16 * h)),
+                                b[t],
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        for t in 0..N {
+            super::store(
+                out,
+                m.rows,
+                row,
+                t0 + t,
+                _mm512_reduce_add_ps(_mm512_add_ps(a[t], b[t])),
+            );
         }
     }
 }
