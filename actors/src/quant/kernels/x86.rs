@@ -88,8 +88,6 @@ impl Dots for Avx512 {
             std::array::from_fn(|t| dots[t] + super::bias_dot(biases, xsum[t]))
         }
     }
-    const F32_TOKENS: usize = 8;
-
     #[inline(always)]
     fn rows_xn(
         m: &AffineMatrix,
@@ -1125,7 +1123,7 @@ unsafe fn units_rows<const CHUNKS: usize, const N: usize, const WIDE: bool>(
     }
 }
 
-/// [`f32_rows`] for a block of 2 to 8 tokens; false for other counts.
+/// [`f32_rows`] for a block of 2 to 4 tokens (see `affine_rows`); false for other counts.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn f32_rows_n<const CHUNKS: usize>(
@@ -1141,10 +1139,6 @@ unsafe fn f32_rows_n<const CHUNKS: usize>(
             2 => f32_rows::<CHUNKS, 2>(m, px, out, rows, t0),
             3 => f32_rows::<CHUNKS, 3>(m, px, out, rows, t0),
             4 => f32_rows::<CHUNKS, 4>(m, px, out, rows, t0),
-            5 => f32_rows::<CHUNKS, 5>(m, px, out, rows, t0),
-            6 => f32_rows::<CHUNKS, 6>(m, px, out, rows, t0),
-            7 => f32_rows::<CHUNKS, 7>(m, px, out, rows, t0),
-            8 => f32_rows::<CHUNKS, 8>(m, px, out, rows, t0),
             _ => return false,
         }
     }
