@@ -831,8 +831,13 @@ mod tests {
         {
             let x = activations(t * cols);
             for group in crate::config::SUPPORTED_GROUPS {
-                for rows in [37, 600] {
-                    let m = matrix(rows, cols, bits, group, bits as u64 * 1000 + group as u64);
+                for (rows, st) in [
+                    (37, ScaleType::F32),
+                    (600, ScaleType::F32),
+                    (37, ScaleType::Bf16),
+                ] {
+                    let seed = bits as u64 * 1000 + group as u64;
+                    let m = with_scale_type(&matrix(rows, cols, bits, group, seed), st);
                     let want = reference(&m, &x);
                     let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
                     for isa in Isa::available() {
@@ -841,13 +846,13 @@ mod tests {
                         let err = max_err(&y, &want);
                         assert!(
                             err < 1e-4 * scale,
-                            "{isa:?} f32 bits {bits} g {group}: {err}"
+                            "{isa:?} f32 bits {bits} g {group} {st:?}: {err}"
                         );
                         affine_matmul_isa(isa, &m, &x, &mut y, Activations::Int8);
                         let err = max_err(&y, &want);
                         assert!(
                             err < 2e-2 * scale,
-                            "{isa:?} int8 bits {bits} g {group}: {err}"
+                            "{isa:?} int8 bits {bits} g {group} {st:?}: {err}"
                         );
                     }
                 }
