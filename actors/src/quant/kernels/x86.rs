@@ -979,6 +979,59 @@ unsafe fn unit_blocks<const WIDE: bool>(p: *const u8, u: usize) -> [__m512i; 4] 
     }
 }
 
+/// One row as the row kernels read it: the checkpoint's bytes (prefetched ahead), the codes in the kernels'
+/// form, and the row's raw scales and biases.
+struct KernelRow<'a> {
+    packed: &'a [u8],
+    codes: *const u8,
+    scales: *const u8,
+    biases: *const u8,
+}
+
+/// The rows of a 4-bit-order matrix for the row kernels: 2- and 3-bit rows widened into one buffer, as
+/// [`Dots::widen`] does for the int8 or the f32 path.
+struct RowReader<'a> {
+    m: &'a AffineMatrix,
+    int8: bool,
+    widened: Vec<u8>,
+}
+
+impl<'a> RowReader<'a> {
+    fn new(m: &'a AffineMatrix, int8: bool) -> RowReader<'a> {
+        let widened = if m.bits == 4 {
+            Vec::new()
+        } else {
+            vec![0u8; m.cols]
+        };
+        RowReader { m, int8, widened }
+    }
+
+    #[inline(always)]
+    fn row(&mut self, r: usize) -> KernelRow<'a> {
+        let m = self.m;
+        let (rb, at) = (m.row_bytes(), r * m.groups_per_row() * m.scale_type.size());
+        let packed = &m.packed[r * rb..(r + 1) * rb];
+        let codes = if m.bits == 4 {
+            packed.as_ptr()
+        } else {
+            Avx512::widen(packed, m.bits, m.group, self.int8, &mut self.widened);
+            self.widened.as_ptr()
+        };
+        KernelRow {
+            packed,
+            codes,
+            scales: m.scales[at..].as_ptr(),
+            biases: m.biases[at..].as_ptr(),
+        }
+    }
+}
+
+/// The lanes of a block of sixteen groups that exist when `left` groups remain in the row.
+#[inline(always)]
+fn group_mask(left: usize) -> __mmask16 {
+    if left >= 16 { 0xffff } else { (1 << left) - 1 }
+}
+
 /// Sixteen scales or biases of a row from group `g0` (`m` masks the groups that exist) as f32.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -1037,12 +1090,8 @@ unsafe fn units_rows<const CHUNKS: usize, const N: usize, const WIDE: bool>(
     rows: std::ops::Range<usize>,
     t0: usize,
 ) {
-    let (gpr, rb, size) = (m.groups_per_row(), m.row_bytes(), m.scale_type.size());
-    let mut widened = if m.bits == 4 {
-        Vec::new()
-    } else {
-        vec![0u8; m.cols]
-    };
+    let gpr = m.groups_per_row();
+    let mut reader = RowReader::new(m, true);
     let q: [*const i8; N] = std::array::from_fn(|t| px.xq_of(t0 + t).q.as_ptr());
     let r: [*const i8; N] = std::array::from_fn(|t| px.xq_of(t0 + t).r.as_ptr());
     let dx: [*const f32; N] = std::array::from_fn(|t| px.dx_of(t0 + t).as_ptr());
@@ -1053,30 +1102,19 @@ unsafe fn units_rows<const CHUNKS: usize, const N: usize, const WIDE: bool>(
     let step = _mm512_set1_epi32((4 / CHUNKS) as i32);
     let unit_packed = UNIT * m.bits as usize / 8;
     for row in rows {
-        let packed = &m.packed[row * rb..(row + 1) * rb];
-        let p = if m.bits == 4 {
-            packed.as_ptr()
-        } else {
-            Avx512::widen(packed, m.bits, m.group, true, &mut widened);
-            widened.as_ptr()
-        };
-        let (sr, br) = unsafe {
-            (
-                m.scales.as_ptr().add(row * gpr * size),
-                m.biases.as_ptr().add(row * gpr * size),
-            )
-        };
+        let KernelRow {
+            packed,
+            codes: p,
+            scales: sr,
+            biases: br,
+        } = reader.row(row);
         let mut acc = [_mm512_setzero_ps(); N];
         let mut sd = [_mm512_setzero_ps(); N];
         let mut idx = first;
         for u in 0..gpr * CHUNKS / 4 {
             let g0 = u * 4 / CHUNKS;
             if g0.is_multiple_of(16) {
-                let mask: __mmask16 = if gpr - g0 >= 16 {
-                    0xffff
-                } else {
-                    (1 << (gpr - g0)) - 1
-                };
+                let mask = group_mask(gpr - g0);
                 let sv = unsafe { scales16(sr, m.scale_type, g0, mask) };
                 let bv = unsafe { scales16(br, m.scale_type, g0, mask) };
                 for t in 0..N {
@@ -1158,41 +1196,26 @@ unsafe fn f32_rows<const CHUNKS: usize, const N: usize>(
     rows: std::ops::Range<usize>,
     t0: usize,
 ) {
-    let (gpr, rb, size) = (m.groups_per_row(), m.row_bytes(), m.scale_type.size());
-    let mut widened = if m.bits == 4 {
-        Vec::new()
-    } else {
-        vec![0u8; m.cols / 2]
-    };
+    let gpr = m.groups_per_row();
+    let mut reader = RowReader::new(m, false);
     let x: [*const f32; N] = std::array::from_fn(|t| px.xf_of(t0 + t).as_ptr());
     let xsum: [*const f32; N] = std::array::from_fn(|t| px.xsum_of(t0 + t).as_ptr());
     let lut = codes_lut();
     let group = 64 * CHUNKS;
     for row in rows {
-        let packed = &m.packed[row * rb..(row + 1) * rb];
-        let p = if m.bits == 4 {
-            packed.as_ptr()
-        } else {
-            Avx512::widen(packed, m.bits, m.group, false, &mut widened);
-            widened.as_ptr()
-        };
-        let (sr, br) = unsafe {
-            (
-                m.scales.as_ptr().add(row * gpr * size),
-                m.biases.as_ptr().add(row * gpr * size),
-            )
-        };
+        let KernelRow {
+            packed,
+            codes: p,
+            scales: sr,
+            biases: br,
+        } = reader.row(row);
         // Two accumulators per token (low and high nibbles) keep 2·N FMA chains in flight.
         let mut a = [_mm512_setzero_ps(); N];
         let mut b = [_mm512_setzero_ps(); N];
         let mut sv = _mm512_setzero_ps();
         for g in 0..gpr {
             if g.is_multiple_of(16) {
-                let mask: __mmask16 = if gpr - g >= 16 {
-                    0xffff
-                } else {
-                    (1 << (gpr - g)) - 1
-                };
+                let mask = group_mask(gpr - g);
                 sv = unsafe { scales16(sr, m.scale_type, g, mask) };
                 let bv = unsafe { scales16(br, m.scale_type, g, mask) };
                 for t in 0..N {
