@@ -141,7 +141,6 @@ impl Linear {
         })
     }
 
-    /// The whole matrix as f32, row-major.
     /// The matrix as f32 into `out` (`out_dim · in_dim` values, row-major).
     pub fn to_f32_into(&self, out: &mut [f32]) -> Result<()> {
         match self {
@@ -151,6 +150,7 @@ impl Linear {
         Ok(())
     }
 
+    /// The whole matrix as f32, row-major.
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         Ok(match self {
             Linear::Dense(w) => w.flatten_all()?.to_vec1()?,

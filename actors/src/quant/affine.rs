@@ -108,19 +108,7 @@ impl AffineMatrix {
 
     /// Dequantizes row `r` into `out` (`cols` values).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let mut codes = vec![0u8; self.group];
-        let gb = self.group * self.bits as usize / 8;
-        let row = &self.packed[r * self.row_bytes()..(r + 1) * self.row_bytes()];
-        for g in 0..self.groups_per_row() {
-            unpack(&row[g * gb..(g + 1) * gb], self.bits, &mut codes);
-            let (s, b) = self.scale_bias(r, g);
-            for (o, &q) in out[g * self.group..(g + 1) * self.group]
-                .iter_mut()
-                .zip(&codes)
-            {
-                *o = s * q as f32 + b;
-            }
-        }
+        self.dequantize_rows(r..r + 1, out);
     }
 
     pub fn dequantize(&self) -> Vec<f32> {
@@ -131,12 +119,17 @@ impl AffineMatrix {
 
     /// The whole matrix as f32 into `w` (`rows · cols` values, row-major).
     pub fn dequantize_into(&self, w: &mut [f32]) {
+        self.dequantize_rows(0..self.rows, w);
+    }
+
+    /// Rows `rows` as f32 into `out`, row by row with one buffer of codes, so the multiply-add over each
+    /// group vectorizes.
+    fn dequantize_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) {
         let gpr = self.groups_per_row();
         let (mut codes, mut scales, mut biases) =
             (vec![0u8; self.cols], vec![0f32; gpr], vec![0f32; gpr]);
         let rb = self.row_bytes();
-        // Row by row with one buffer of codes, so the multiply-add over each group vectorizes.
-        for (r, row) in w.chunks_exact_mut(self.cols).enumerate() {
+        for (r, row) in rows.zip(out.chunks_exact_mut(self.cols)) {
             unpack(&self.packed[r * rb..(r + 1) * rb], self.bits, &mut codes);
             self.rows_scales(r..r + 1, &mut scales, &mut biases);
             let groups = row
