@@ -18,7 +18,6 @@ use crate::quant::pool::Pool;
 use crate::weights::Weights;
 use candle_core::{Device, Tensor};
 use std::ops::Range;
-use std::sync::Mutex;
 
 /// mlx-lm and HF give the LoRA norms a fixed epsilon, independent of `rms_norm_eps`.
 const LORA_NORM_EPS: f32 = 1e-6;
@@ -265,22 +264,8 @@ impl Attention {
                 let unembed_out = self.unembed_out.heads_f32(heads)?; // [hh, v, r]
                 Ok(out_lat.matmul(&unembed_out.transpose(1, 2)?)?) // [hh, L, v]
             };
-            let parts: Vec<Mutex<Option<Result<Tensor>>>> =
-                (0..tasks).map(|_| Mutex::new(None)).collect();
-            Pool::global().run(tasks, &|t| {
-                let out = part(t);
-                *parts[t].lock().unwrap_or_else(|e| e.into_inner()) = Some(out);
-            });
-            let parts = parts
-                .into_iter()
-                .map(
-                    |p| match p.into_inner().unwrap_or_else(|e| e.into_inner()) {
-                        Some(out) => out,
-                        None => Err(Error::Invalid("an attention task did not run".into())),
-                    },
-                )
-                .collect::<Result<Vec<_>>>()?;
-            Tensor::cat(&parts, 0)?
+            let parts = Pool::global().map(tasks, &part);
+            Tensor::cat(&parts.into_iter().collect::<Result<Vec<_>>>()?, 0)?
         };
         Ok(out.transpose(0, 1)?.contiguous()?.reshape((l, ()))?)
     }

@@ -140,6 +140,20 @@ impl Pool {
             panic!("a kernel task panicked on a worker thread");
         }
     }
+
+    /// `f(i)` for every `i < n`, run as [`Pool::run`] tasks, in order.
+    pub fn map<T: Send + Sync>(&self, n: usize, f: &(dyn Fn(usize) -> T + Sync)) -> Vec<T> {
+        let cells: Vec<OnceLock<T>> = (0..n).map(|_| OnceLock::new()).collect();
+        self.run(n, &|i| {
+            let _ = cells[i].set(f(i));
+        });
+        // Every task ran (`run` returns after all of them, or panics); a cell left empty is computed here.
+        cells
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| c.into_inner().unwrap_or_else(|| f(i)))
+            .collect()
+    }
 }
 
 fn take_tasks(s: &Shared, f: &(dyn Fn(usize) + Sync)) {

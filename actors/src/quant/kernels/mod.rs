@@ -440,15 +440,7 @@ fn prepare_all(isa: Isa, jobs: &[Job], firsts: &[usize]) -> Vec<Prepared> {
     if firsts.iter().map(|&f| jobs[f].x.len()).sum::<usize>() < PARALLEL_PREPARE {
         return firsts.iter().map(|&f| one(f)).collect();
     }
-    let cells: Vec<OnceLock<Prepared>> = firsts.iter().map(|_| OnceLock::new()).collect();
-    Pool::global().run(firsts.len(), &|i| {
-        let _ = cells[i].set(one(firsts[i]));
-    });
-    cells
-        .into_iter()
-        .zip(firsts)
-        .map(|(c, &f)| c.into_inner().unwrap_or_else(|| one(f)))
-        .collect()
+    Pool::global().map(firsts.len(), &|i| one(firsts[i]))
 }
 
 type Scratch = (Vec<u8>, Vec<f32>, Vec<f32>);
