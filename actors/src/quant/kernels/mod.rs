@@ -22,6 +22,7 @@
 //! [`matmul_many`] runs several matrices (all heads of a layer, all experts a token uses) in one parallel
 //! region of the kernels' [`Pool`].
 
+mod aligned;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 mod scalar;
@@ -31,6 +32,7 @@ mod x86;
 use crate::quant::affine::{AffineMatrix, widen, widened_len};
 use crate::quant::bf16::Bf16Matrix;
 use crate::quant::pool::Pool;
+use aligned::Aligned;
 use std::sync::OnceLock;
 
 /// How activations meet the weights.
@@ -140,11 +142,11 @@ struct Prepared {
     cols: usize,
     group: usize,
     /// `[t, cols]`, permuted.
-    xf: Vec<f32>,
+    xf: Aligned<f32>,
     /// `[t, cols]`, permuted; int8 path only: `x ≈ dx · (256·xq + xr)`.
-    xq: Vec<i8>,
+    xq: Aligned<i8>,
     /// The residual `x - 256·dx·xq`, in steps of `dx`.
-    xr: Vec<i8>,
+    xr: Aligned<i8>,
     /// Whether `xq` and `xr` are in [`transpose_units`] order.
     units: bool,
     /// Per (token, group): the fine int8 step `dx` (a 256th of the coarse one) and the exact `Σx`.
@@ -163,9 +165,9 @@ impl Prepared {
         units: bool,
     ) -> Prepared {
         let xsum: Vec<f32> = x.chunks_exact(group).map(lane_sum).collect();
-        let xf: Vec<f32> = if nibbles {
+        let xf = if nibbles {
             let c = chunk4(group);
-            let mut p = vec![0f32; x.len()];
+            let mut p = Aligned::zeroed(x.len());
             for (src, dst) in x.chunks_exact(c).zip(p.chunks_exact_mut(c)) {
                 for k in 0..c / 2 {
                     dst[k] = src[2 * k];
@@ -174,12 +176,12 @@ impl Prepared {
             }
             p
         } else {
-            x.to_vec()
+            Aligned::from_slice(x)
         };
-        let (mut xq, mut xr, mut dx) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut xq, mut xr, mut dx) = (Aligned::zeroed(0), Aligned::zeroed(0), Vec::new());
         if act == Activations::Int8 {
-            xq = vec![0i8; xf.len()];
-            xr = vec![0i8; xf.len()];
+            xq = Aligned::zeroed(xf.len());
+            xr = Aligned::zeroed(xf.len());
             dx = Vec::with_capacity(xsum.len());
             let groups = xf
                 .chunks_exact(group)
@@ -626,12 +628,12 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
         }
     }
     // Several tokens per pass over a 4-bit row (prefill, batched decode), in balanced blocks of at most
-    // eight (int8) or four (f32), so no token runs alone. Blocks outside, rows inside: a block's
+    // eight (int8) or six (f32), so no token runs alone. Blocks outside, rows inside: a block's
     // activations stay in L1 while the task's rows (tens of KB) come again from L2 for each block.
     let multi = nibbles && px.tokens >= 2;
-    // Eight int8 tokens fit the registers. f32 tokens take 8 KB of L1 per 2048 columns: four of them (eight
-    // measured 10–20 % slower on a two-layer prefill).
-    let width = if px.xq.is_empty() { 4 } else { 8 };
+    // Eight int8 tokens fit the registers. f32 tokens take 8 KB of L1 per 2048 columns: six of them (four
+    // and eight measured ~10 % slower on a 4096 × 2048 matrix, 64 tokens).
+    let width = if px.xq.is_empty() { 6 } else { 8 };
     let blocks = if multi { px.tokens.div_ceil(width) } else { 1 };
     for b in 0..blocks {
         let (t0, t1) = (px.tokens * b / blocks, px.tokens * (b + 1) / blocks);
@@ -943,8 +945,8 @@ mod tests {
                 let got = unsafe { x86::prepare_int8_avx512(&x, cols, group, nibbles, units) };
                 let case = format!("{tokens}×{cols} g{group} nibbles {nibbles} units {units}");
                 assert_eq!(got.units, want.units, "{case}");
-                assert_eq!(got.xq, want.xq, "{case}");
-                assert_eq!(got.xr, want.xr, "{case}");
+                assert_eq!(*got.xq, *want.xq, "{case}");
+                assert_eq!(*got.xr, *want.xr, "{case}");
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got.dx), bits(&want.dx), "{case}");
                 assert_eq!(bits(&got.xsum), bits(&want.xsum), "{case}");

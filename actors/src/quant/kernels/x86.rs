@@ -3,7 +3,7 @@
 //! `group` (codes: bytes, or half as many bytes for packed 4-bit rows). The AVX-512 4-bit kernels have a
 //! 256-bit form for groups of 32 and a 512-bit form for 64 and 128 (one or two 64-code chunks per group).
 
-use super::{Activations, Dots, Out, Prepared, Q8, UNIT, Weight, rows};
+use super::{Activations, Aligned, Dots, Out, Prepared, Q8, UNIT, Weight, rows};
 use crate::quant::affine::{AffineMatrix, ScaleType};
 use std::arch::x86_64::*;
 
@@ -205,7 +205,7 @@ pub(super) unsafe fn prepare_int8_avx512(
     let (n, tokens) = (x.len(), x.len() / cols);
     let units = units && nibbles && tokens >= 2 && cols.is_multiple_of(UNIT);
     let groups = n / group;
-    let (mut xq, mut xr) = (Vec::<i8>::with_capacity(n), Vec::<i8>::with_capacity(n));
+    let (mut xq, mut xr) = (Aligned::<i8>::zeroed(n), Aligned::<i8>::zeroed(n));
     let (mut dx, mut xsum) = (Vec::with_capacity(groups), Vec::with_capacity(groups));
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
@@ -260,8 +260,7 @@ pub(super) unsafe fn prepare_int8_avx512(
                 } else {
                     at + 16 * j
                 };
-                // SAFETY: `to + 16 <= n`; every block of every chunk is written once, so all `n` bytes are
-                // initialized before `set_len`.
+                // SAFETY: `to + 16 <= n`.
                 unsafe {
                     _mm_storeu_si128(q.add(to) as *mut __m128i, _mm512_cvtsepi32_epi8(hi));
                     _mm_storeu_si128(r.add(to) as *mut __m128i, _mm512_cvtsepi32_epi8(lo));
@@ -269,16 +268,11 @@ pub(super) unsafe fn prepare_int8_avx512(
             }
         }
     }
-    // SAFETY: see the stores above.
-    unsafe {
-        xq.set_len(n);
-        xr.set_len(n);
-    }
     Prepared {
         tokens,
         cols,
         group,
-        xf: Vec::new(),
+        xf: Aligned::zeroed(0),
         xq,
         xr,
         units,
@@ -1078,9 +1072,7 @@ unsafe fn units_rows_n<const CHUNKS: usize, const WIDE: bool>(
 
 /// Int8 tokens `t0..t0 + N` in [`super::transpose_units`] order against rows `rows` (4-bit, or 2/3-bit
 /// widened row by row: to a byte per code in [`nibbles_64`] order if `WIDE`, else to 4 bits), groups of
-/// `64 · CHUNKS`. Per unit of four chunks and token, eight `vpdpbusd` leave each chunk's sums in four
-/// lanes, and one conversion, one permutation (each lane's `s·dx`) and one multiply-add finish them.
-/// Scales and biases are converted in registers as they are read; the sums are stored directly.
+/// `64 · CHUNKS`, two rows per pass (see [`units_pass`]).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn units_rows<const CHUNKS: usize, const N: usize, const WIDE: bool>(
@@ -1090,73 +1082,114 @@ unsafe fn units_rows<const CHUNKS: usize, const N: usize, const WIDE: bool>(
     rows: std::ops::Range<usize>,
     t0: usize,
 ) {
+    let x = UnitTokens::<N> {
+        q: std::array::from_fn(|t| px.xq_of(t0 + t).q.as_ptr()),
+        r: std::array::from_fn(|t| px.xq_of(t0 + t).r.as_ptr()),
+        dx: std::array::from_fn(|t| px.dx_of(t0 + t).as_ptr()),
+        xsum: std::array::from_fn(|t| px.xsum_of(t0 + t).as_ptr()),
+    };
+    let mut readers = [RowReader::new(m, true), RowReader::new(m, true)];
+    let mut r = rows.start;
+    while r + 2 <= rows.end {
+        unsafe { units_pass::<CHUNKS, N, WIDE, 2>(m, &x, out, [r, r + 1], &mut readers, t0) };
+        r += 2;
+    }
+    if r < rows.end {
+        unsafe { units_pass::<CHUNKS, N, WIDE, 1>(m, &x, out, [r], &mut readers, t0) };
+    }
+}
+
+/// A block of int8 tokens as [`units_pass`] reads them: coarse and residual codes, steps and group sums.
+struct UnitTokens<const N: usize> {
+    q: [*const i8; N],
+    r: [*const i8; N],
+    dx: [*const f32; N],
+    xsum: [*const f32; N],
+}
+
+/// `R` rows against the block's `N` tokens. Per unit of four chunks, token and row, eight `vpdpbusd` leave
+/// each chunk's sums in four lanes, and one conversion, one permutation (each lane's `s·dx`) and one
+/// multiply-add finish them; each activation load serves the `R` rows (loads, not multiplies, bound the
+/// loop). Scales and biases are converted in registers as they are read; the sums are stored directly.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+#[allow(clippy::needless_range_loop)] // `w[k][j]`: a row's block `j` meets the token's block `j`
+unsafe fn units_pass<const CHUNKS: usize, const N: usize, const WIDE: bool, const R: usize>(
+    m: &AffineMatrix,
+    x: &UnitTokens<N>,
+    out: &Out,
+    rows: [usize; R],
+    readers: &mut [RowReader],
+    t0: usize,
+) {
     let gpr = m.groups_per_row();
-    let mut reader = RowReader::new(m, true);
-    let q: [*const i8; N] = std::array::from_fn(|t| px.xq_of(t0 + t).q.as_ptr());
-    let r: [*const i8; N] = std::array::from_fn(|t| px.xq_of(t0 + t).r.as_ptr());
-    let dx: [*const f32; N] = std::array::from_fn(|t| px.dx_of(t0 + t).as_ptr());
-    let xsum: [*const f32; N] = std::array::from_fn(|t| px.xsum_of(t0 + t).as_ptr());
     // Lane l of a unit's sums belongs to its chunk l / 4, i.e. group (l / 4) / CHUNKS of the unit's first.
     let first: [i32; 16] = std::array::from_fn(|l| (l / 4 / CHUNKS) as i32);
     let first = unsafe { _mm512_loadu_si512(first.as_ptr() as *const _) };
     let step = _mm512_set1_epi32((4 / CHUNKS) as i32);
     let unit_packed = UNIT * m.bits as usize / 8;
-    for row in rows {
-        let KernelRow {
-            packed,
-            codes: p,
-            scales: sr,
-            biases: br,
-        } = reader.row(row);
-        let mut acc = [_mm512_setzero_ps(); N];
-        let mut sd = [_mm512_setzero_ps(); N];
-        let mut idx = first;
-        for u in 0..gpr * CHUNKS / 4 {
-            let g0 = u * 4 / CHUNKS;
-            if g0.is_multiple_of(16) {
-                let mask = group_mask(gpr - g0);
-                let sv = unsafe { scales16(sr, m.scale_type, g0, mask) };
-                let bv = unsafe { scales16(br, m.scale_type, g0, mask) };
+    let kr: [KernelRow; R] = std::array::from_fn(|k| readers[k].row(rows[k]));
+    let mut acc = [[_mm512_setzero_ps(); N]; R];
+    let mut sd = [[_mm512_setzero_ps(); N]; R];
+    let mut idx = first;
+    for u in 0..gpr * CHUNKS / 4 {
+        let g0 = u * 4 / CHUNKS;
+        if g0.is_multiple_of(16) {
+            let mask = group_mask(gpr - g0);
+            for (k, row) in kr.iter().enumerate() {
+                let sv = unsafe { scales16(row.scales, m.scale_type, g0, mask) };
+                let bv = unsafe { scales16(row.biases, m.scale_type, g0, mask) };
                 for t in 0..N {
-                    let d = unsafe { _mm512_maskz_loadu_ps(mask, dx[t].add(g0)) };
-                    sd[t] = _mm512_mul_ps(sv, d);
+                    let d = unsafe { _mm512_maskz_loadu_ps(mask, x.dx[t].add(g0)) };
+                    sd[k][t] = _mm512_mul_ps(sv, d);
                     // The bias term of these groups, `bias · Σx`, joins the token's lanes.
-                    let xs = unsafe { _mm512_maskz_loadu_ps(mask, xsum[t].add(g0)) };
-                    acc[t] = _mm512_fmadd_ps(bv, xs, acc[t]);
+                    let xs = unsafe { _mm512_maskz_loadu_ps(mask, x.xsum[t].add(g0)) };
+                    acc[k][t] = _mm512_fmadd_ps(bv, xs, acc[k][t]);
                 }
-                idx = first;
             }
-            // Ahead in the checkpoint's row stream (a widened row is already in L1).
+            idx = first;
+        }
+        // Ahead in the checkpoint's row stream (a widened row is already in L1).
+        for row in &kr {
             for line in (0..unit_packed).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(
-                    packed
+                    row.packed
                         .as_ptr()
                         .wrapping_add(u * unit_packed + line + PREFETCH)
                         as *const i8,
                 );
             }
-            let w = unsafe { unit_blocks::<WIDE>(p, u) };
-            for t in 0..N {
-                // `RESIDUAL·Σq + Σr` per lane: the coarse sums, shifted, then the residual ones.
-                let mut i = _mm512_setzero_si512();
-                for (j, &wj) in w.iter().enumerate() {
-                    i = _mm512_dpbusd_epi32(i, wj, unsafe {
-                        _mm512_loadu_si512(q[t].add(UNIT * u + 64 * j) as *const _)
-                    });
-                }
-                i = _mm512_slli_epi32(i, 8);
-                for (j, &wj) in w.iter().enumerate() {
-                    i = _mm512_dpbusd_epi32(i, wj, unsafe {
-                        _mm512_loadu_si512(r[t].add(UNIT * u + 64 * j) as *const _)
-                    });
-                }
-                let lane_sd = _mm512_permutexvar_ps(idx, sd[t]);
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), lane_sd, acc[t]);
-            }
-            idx = _mm512_add_epi32(idx, step);
         }
-        for (t, a) in acc.into_iter().enumerate() {
-            super::store(out, m.rows, row, t0 + t, _mm512_reduce_add_ps(a));
+        let w: [[__m512i; 4]; R] =
+            std::array::from_fn(|k| unsafe { unit_blocks::<WIDE>(kr[k].codes, u) });
+        for t in 0..N {
+            // `RESIDUAL·Σq + Σr` per lane: the coarse sums, shifted, then the residual ones.
+            let mut i = [_mm512_setzero_si512(); R];
+            for j in 0..4 {
+                let a = unsafe { _mm512_loadu_si512(x.q[t].add(UNIT * u + 64 * j) as *const _) };
+                for k in 0..R {
+                    i[k] = _mm512_dpbusd_epi32(i[k], w[k][j], a);
+                }
+            }
+            for v in &mut i {
+                *v = _mm512_slli_epi32(*v, 8);
+            }
+            for j in 0..4 {
+                let a = unsafe { _mm512_loadu_si512(x.r[t].add(UNIT * u + 64 * j) as *const _) };
+                for k in 0..R {
+                    i[k] = _mm512_dpbusd_epi32(i[k], w[k][j], a);
+                }
+            }
+            for k in 0..R {
+                let lane_sd = _mm512_permutexvar_ps(idx, sd[k][t]);
+                acc[k][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[k]), lane_sd, acc[k][t]);
+            }
+        }
+        idx = _mm512_add_epi32(idx, step);
+    }
+    for (k, row_acc) in acc.iter().enumerate() {
+        for (t, a) in row_acc.iter().enumerate() {
+            super::store(out, m.rows, rows[k], t0 + t, _mm512_reduce_add_ps(*a));
         }
     }
 }
@@ -1177,6 +1210,8 @@ unsafe fn f32_rows_n<const CHUNKS: usize>(
             2 => f32_rows::<CHUNKS, 2>(m, px, out, rows, t0),
             3 => f32_rows::<CHUNKS, 3>(m, px, out, rows, t0),
             4 => f32_rows::<CHUNKS, 4>(m, px, out, rows, t0),
+            5 => f32_rows::<CHUNKS, 5>(m, px, out, rows, t0),
+            6 => f32_rows::<CHUNKS, 6>(m, px, out, rows, t0),
             _ => return false,
         }
     }
