@@ -13,7 +13,7 @@ fn model(dir: &Path, activations: Activations) -> Model {
         dir,
         LoadOptions {
             activations,
-            quantize: None,
+            ..LoadOptions::default()
         },
     )
     .expect("synthesized model opens");

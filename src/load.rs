@@ -40,6 +40,10 @@ pub struct ModelArgs {
     /// Quantize dense (bf16/f16/FP8) weights at load to MLX affine 8 or 4 bits, group 64.
     #[arg(long, value_enum)]
     pub quantize: Option<QuantizeArg>,
+    /// Read quantized and bf16 weights from the mapped checkpoint files instead of copying them into
+    /// huge-page memory at load (no copy, but slower matmuls).
+    #[arg(long)]
+    pub map_weights: bool,
 }
 
 impl ModelArgs {
@@ -66,6 +70,9 @@ impl ModelArgs {
                 .to_string(),
             ]);
         }
+        if self.map_weights {
+            v.push("--map-weights".to_string());
+        }
         v
     }
 
@@ -79,6 +86,7 @@ impl ModelArgs {
                 QuantizeArg::Q8 => QuantizeTo::Q8,
                 QuantizeArg::Q4 => QuantizeTo::Q4,
             }),
+            map_weights: self.map_weights,
         }
     }
 }
@@ -108,6 +116,7 @@ pub fn model(args: &ModelArgs) -> Result<Model> {
         secs = t0.elapsed().as_secs_f64(),
         activations = ?o.activations,
         quantize = ?o.quantize,
+        weights = if o.map_weights { "mapped files" } else { "resident copies (huge pages)" },
         "loaded"
     );
     if let Some(q) = o.quantize {

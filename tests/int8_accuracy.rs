@@ -36,7 +36,7 @@ fn check_row(got: &[f32], want: &[f32], what: &str) -> f32 {
 fn check(model_dir: std::path::PathBuf, reference: &str, key: &str) {
     let opts = LoadOptions {
         activations: Activations::Int8,
-        quantize: None,
+        ..LoadOptions::default()
     };
     let w = Weights::open_with(&model_dir, opts).unwrap();
     let model = Model::load(&w, |_| {}).unwrap();

@@ -63,3 +63,18 @@ fn story_mlx_mixed_bundled() {
         "mlx_mixed",
     );
 }
+
+/// The same weights read in place from the mapped files (`--map-weights`) instead of resident copies.
+#[test]
+fn mlx_mixed_bits_mapped_in_place() {
+    use engine::weights::{LoadOptions, Weights};
+    let opts = LoadOptions {
+        map_weights: true,
+        ..LoadOptions::default()
+    };
+    let w =
+        Weights::open_with(&fixture("tiny-kimi-mlx-mixed"), opts).unwrap_or_else(|e| panic!("{e}"));
+    let model = engine::model::Model::load(&w, |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    let r = json(&fixture("tiny-kimi-logits-reference.json"));
+    check_reference_logits(&model, &r["mlx_mixed"], "mlx_mixed mapped");
+}

@@ -214,7 +214,7 @@ pub enum Ffn {
     Moe {
         router: Router,
         experts: ExpertGroup,
-        shared: Option<Mlp>,
+        shared: Option<Box<Mlp>>,
     },
 }
 
@@ -228,7 +228,7 @@ impl Ffn {
         Ok(Ffn::Moe {
             router: Router::load(w, layer)?,
             experts: ExpertGroup::load(w, layer, 0..c.n_routed_experts)?,
-            shared: load_shared(w, layer)?,
+            shared: load_shared(w, layer)?.map(Box::new),
         })
     }
 
@@ -243,7 +243,7 @@ impl Ffn {
                 shared,
             } => {
                 let assignments = router.route(x)?;
-                let out = experts.forward(x, &assignments, shared.as_ref())?;
+                let out = experts.forward(x, &assignments, shared.as_deref())?;
                 let bytes = router.weight_bytes()
                     + experts.bytes_for(&assignments)
                     + shared.as_ref().map_or(0, |s| s.weight_bytes());

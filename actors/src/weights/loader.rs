@@ -9,8 +9,10 @@ use crate::quant::affine::{AffineMatrix, ScaleType};
 use crate::quant::bf16::Bf16Matrix;
 use crate::quant::fp8;
 use crate::quant::kernels::Activations;
-use crate::weights::Buf;
-use crate::weights::checkpoint::{Checkpoint, TensorView, floats_from_bytes, to_f32_vec};
+use crate::weights::checkpoint::{
+    Checkpoint, MappedBytes, TensorView, floats_from_bytes, to_f32_vec,
+};
+use crate::weights::{Arena, Buf};
 use safetensors::tensor::Dtype;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +21,8 @@ pub struct Weights {
     pub config: ModelConfig,
     pub ckpt: Checkpoint,
     pub options: LoadOptions,
+    /// Where the quantized and bf16 matrices are copied (unless `options.map_weights`).
+    arena: Arena,
     /// Weight bytes made resident so far, and the tensors they came from (for progress reports).
     loaded: AtomicU64,
     tensors: AtomicU64,
@@ -31,6 +35,9 @@ pub struct LoadOptions {
     pub activations: Activations,
     /// Quantize dense (bf16/f16/f32/FP8) matrices at load into MLX affine, group 64 (router gates stay exact).
     pub quantize: Option<QuantizeTo>,
+    /// Read MLX affine and bf16 matrices from the mapped checkpoint files in place, instead of copying them
+    /// into huge-page memory ([`Arena`]): no copy at load, but slower matmuls (4 KB pages).
+    pub map_weights: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +74,7 @@ impl Weights {
             config,
             ckpt,
             options,
+            arena: Arena::default(),
             loaded: AtomicU64::new(0),
             tensors: AtomicU64::new(0),
         })
@@ -184,13 +192,8 @@ impl Weights {
             Dtype::BF16 => {
                 check_shape(&w, slot, &[rows, cols])?;
                 let n = rows * cols * 2;
-                let data = w.bytes.slice(slot.index * n..(slot.index + 1) * n);
-                touch_pages(&data);
-                Ok(Linear::Bf16(Bf16Matrix {
-                    rows,
-                    cols,
-                    data: Buf::Mapped(data),
-                }))
+                let data = self.keep(w.bytes.slice(slot.index * n..(slot.index + 1) * n))?;
+                Ok(Linear::Bf16(Bf16Matrix { rows, cols, data }))
             }
             Dtype::F16 | Dtype::F32 => {
                 check_shape(&w, slot, &[rows, cols])?;
@@ -249,17 +252,23 @@ impl Weights {
             cols,
             bits: params.bits,
             group: params.group_size,
-            packed: Buf::Mapped(w.bytes.slice(i * pb..(i + 1) * pb)),
-            scales: Buf::Mapped(scales.bytes.slice(i * sb..(i + 1) * sb)),
-            biases: Buf::Mapped(biases.bytes.slice(i * sb..(i + 1) * sb)),
+            packed: self.keep(w.bytes.slice(i * pb..(i + 1) * pb))?,
+            scales: self.keep(scales.bytes.slice(i * sb..(i + 1) * sb))?,
+            biases: self.keep(biases.bytes.slice(i * sb..(i + 1) * sb))?,
             scale_type: st,
             activations: self.options.activations,
         };
-        // Page the codes in now, so the first tokens do not pay for disk reads.
-        for b in [&m.packed, &m.scales, &m.biases] {
-            touch_pages(b);
-        }
         Ok(m)
+    }
+
+    /// Weight bytes as the matmuls will read them: a resident copy, or (`map_weights`) the mapped range,
+    /// paged in now so the first tokens do not pay for disk reads.
+    fn keep(&self, bytes: MappedBytes) -> Result<Buf> {
+        if self.options.map_weights {
+            touch_pages(&bytes);
+            return Ok(Buf::Mapped(bytes));
+        }
+        Ok(Buf::Resident(self.arena.copy(&bytes)?))
     }
 
     fn fp8(

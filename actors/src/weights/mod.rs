@@ -3,17 +3,21 @@
 
 mod checkpoint;
 mod loader;
+mod resident;
 
 pub use checkpoint::{Checkpoint, MappedBytes, TensorView};
 pub use loader::{LoadOptions, QuantizeTo, Weights};
+pub use resident::{Arena, ResidentBytes};
 
 use std::ops::Deref;
 use std::sync::Arc;
 
-/// Weight bytes: a range of a mapped checkpoint file, or bytes the engine made (quantized at load, synthesized).
+/// Weight bytes: a range of a mapped checkpoint file, a resident copy of one, or bytes the engine made
+/// (quantized at load, synthesized).
 #[derive(Clone)]
 pub enum Buf {
     Mapped(MappedBytes),
+    Resident(ResidentBytes),
     Owned(Arc<[u8]>),
 }
 
@@ -26,6 +30,7 @@ impl Buf {
     pub fn slice(&self, r: std::ops::Range<usize>) -> Buf {
         match self {
             Buf::Mapped(m) => Buf::Mapped(m.slice(r)),
+            Buf::Resident(m) => Buf::Resident(m.slice(r)),
             Buf::Owned(v) => Buf::owned(v[r].to_vec()),
         }
     }
@@ -36,6 +41,7 @@ impl Deref for Buf {
     fn deref(&self) -> &[u8] {
         match self {
             Buf::Mapped(m) => m,
+            Buf::Resident(m) => m,
             Buf::Owned(v) => v,
         }
     }
