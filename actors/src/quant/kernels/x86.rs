@@ -1219,8 +1219,8 @@ unsafe fn f32_rows_n<const CHUNKS: usize>(
 }
 
 /// f32 tokens `t0..t0 + N` (permuted to the nibble order) against rows `rows` (4-bit, or 2/3-bit widened to
-/// 4 bits row by row), groups of `64 · CHUNKS`. Each 16 codes are converted once and multiplied by their
-/// group's scale (`s·q`, the dequantized weight less its bias), then meet every token with one FMA; the bias
+/// 4 bits row by row), groups of `64 · CHUNKS`. Each 16 codes become their `s·q` (the dequantized weight less
+/// its bias) with one permutation of the group's sixteen `s·q` values, then meet every token with one FMA; the bias
 /// term `bias · Σx` joins the lanes with one FMA per sixteen groups, and the sums are stored directly.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
@@ -1258,7 +1258,11 @@ unsafe fn f32_rows<const CHUNKS: usize, const N: usize>(
                     a[t] = _mm512_fmadd_ps(bv, xs, a[t]);
                 }
             }
-            let s = _mm512_permutexvar_ps(_mm512_set1_epi32((g % 16) as i32), sv);
+            // `s·q` for each code value q: the permutations below then give scaled weights directly.
+            let lut_s = _mm512_mul_ps(
+                lut,
+                _mm512_permutexvar_ps(_mm512_set1_epi32((g % 16) as i32), sv),
+            );
             // Ahead in the checkpoint's row stream (a widened row is already in L1).
             let at = g * group * m.bits as usize / 8;
             if at.is_multiple_of(64) {
@@ -1273,9 +1277,8 @@ unsafe fn f32_rows<const CHUNKS: usize, const N: usize>(
                         let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
                             p.add(j / 2 + 16 * h) as *const __m128i
                         ));
-                        let lo = _mm512_mul_ps(_mm512_permutexvar_ps(v, lut), s);
-                        let hi =
-                            _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut), s);
+                        let lo = _mm512_permutexvar_ps(v, lut_s);
+                        let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut_s);
                         for t in 0..N {
                             a[t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x[t].add(j + 16 * h)), a[t]);
                             b[t] = _mm512_fmadd_ps(
