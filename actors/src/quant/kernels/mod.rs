@@ -735,6 +735,15 @@ fn store(out: &Out, rows: usize, r: usize, t: usize, v: f32) {
     unsafe { *out.ptr.add(i) = v };
 }
 
+/// Adds `v` to output `(t, r)`.
+#[inline(always)]
+fn add(out: &Out, rows: usize, r: usize, t: usize, v: f32) {
+    let i = t * rows + r;
+    debug_assert!(i < out.len);
+    // SAFETY: as in `store`.
+    unsafe { *out.ptr.add(i) += v };
+}
+
 /// `Σ_g bias_g · Σx_g`, in eight lanes so it vectorizes.
 #[inline(always)]
 fn bias_dot(biases: &[f32], xsum: &[f32]) -> f32 {
@@ -860,6 +869,28 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn wide_rows_in_column_spans_match_the_reference() {
+        // 4608 columns: the f32 several-token kernel runs them in spans of 2048 (and a partial one), adding
+        // each span's sums to the last; 2- and 3-bit rows are widened again for each span.
+        let cols = 4608;
+        for (t, bits, group) in [(6, 4, 64), (11, 4, 128), (5, 3, 64), (2, 2, 128)] {
+            let x = activations(t * cols);
+            let m = with_scale_type(&matrix(37, cols, bits, group, 9), ScaleType::Bf16);
+            let want = reference(&m, &x);
+            let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+            for isa in Isa::available() {
+                let mut y = vec![0f32; t * m.rows];
+                affine_matmul_isa(isa, &m, &x, &mut y, Activations::F32);
+                let err = max_err(&y, &want);
+                assert!(
+                    err < 1e-4 * scale,
+                    "{isa:?} t {t} bits {bits} g {group}: {err}"
+                );
             }
         }
     }
