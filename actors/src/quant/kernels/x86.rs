@@ -409,7 +409,7 @@ fn vbmi_tables(bits: u32, perm: bool) -> &'static ([u8; 64], [u8; 64]) {
 /// `add` must not.
 const PREFETCH: usize = 4096;
 /// Columns per pass of the f32 several-token kernel over wide rows: six tokens' activations, 48 KB, fill L1
-/// (7168 columns in one pass measured ~1.6x slower per code than 2048).
+/// (7168 columns in one pass measured ~1.5x slower per code than 2048).
 const F32_SPAN: usize = 2048;
 
 #[inline]
