@@ -282,12 +282,11 @@ impl Attention {
         past: usize,
     ) -> Result<Tensor> {
         let (hh, l, r) = q_lat.dims3()?;
+        let n = kv.dims()[0];
         let query = Tensor::cat(&[q_lat, q_pe], 2)?.reshape((hh * l, ()))?;
-        let mut scores = (query.matmul(&kv.t()?)? * self.scale)?; // [hh·L, N]
-        if l > 1 {
-            scores = (scores + causal_mask(hh, l, past, kv.dims()[0])?)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let mut scores = query.matmul(&kv.t()?)?.flatten_all()?.to_vec1::<f32>()?; // [hh·L, N]
+        causal_softmax(&mut scores, n, l, past, self.scale as f32);
+        let probs = Tensor::from_vec(scores, (hh * l, n), &Device::Cpu)?;
         Ok(probs.matmul(values)?.reshape((hh, l, r))?)
     }
 }
@@ -295,13 +294,27 @@ impl Attention {
 /// New tokens of one sequence's step from which the heads' attention runs on the pool (see [`Attention::attend`]).
 const HEADS_ON_POOL: usize = 16;
 
-/// `[h·L, N]` additive mask: query `i` of the step (position `past + i`) sees keys `0..=past + i`.
-fn causal_mask(h: usize, l: usize, past: usize, total: usize) -> Result<Tensor> {
-    let mut m = vec![0f32; h * l * total];
-    for (row, keys) in m.chunks_exact_mut(total).enumerate() {
-        keys[past + row % l + 1..].fill(f32::NEG_INFINITY);
+/// Rows of `n` scores `[h·L, N]` → attention probabilities, in place: each score scaled, the keys after a
+/// query's position (`past + i` for query `i` of the step) masked out, and a softmax over the rest (the max,
+/// `exp(x - max)`, their sum, a division: candle's `softmax_last_dim` after an additive `-inf` mask).
+fn causal_softmax(scores: &mut [f32], n: usize, l: usize, past: usize, scale: f32) {
+    for (row, s) in scores.chunks_exact_mut(n).enumerate() {
+        let (seen, hidden) = s.split_at_mut((past + row % l + 1).min(n));
+        let mut max = f32::NEG_INFINITY;
+        for v in seen.iter_mut() {
+            *v *= scale;
+            max = max.max(*v);
+        }
+        let mut sum = 0f32;
+        for v in seen.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        for v in seen.iter_mut() {
+            *v /= sum;
+        }
+        hidden.fill(0.0);
     }
-    Ok(Tensor::from_vec(m, (h * l, total), &Device::Cpu)?)
 }
 
 /// `embed_q` `[h, r, n]` and `unembed_out` `[h, v, r]`: stored under those names (MLX layout), or cut from
@@ -333,4 +346,34 @@ fn load_head_projections(
     let embed_q = per_head.narrow(1, 0, n)?.transpose(1, 2)?.contiguous()?; // [h, r, n]
     let unembed_out = per_head.narrow(1, n, v)?.contiguous()?; // [h, v, r]
     Ok((HeadLinear::Dense(embed_q), HeadLinear::Dense(unembed_out)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused mask and softmax equal candle's scale, additive `-inf` mask and `softmax_last_dim`.
+    #[test]
+    fn causal_softmax_equals_scale_mask_and_candle_softmax() -> Result<()> {
+        for (h, l, past) in [(3, 5, 0), (2, 4, 7), (4, 1, 9)] {
+            let n = past + l;
+            let scores: Vec<f32> = (0..h * l * n)
+                .map(|i| ((i * 7919 % 613) as f32 / 61.3) - 5.0)
+                .collect();
+            let scale = 0.37f32;
+            let mut mask = vec![0f32; h * l * n];
+            for (row, keys) in mask.chunks_exact_mut(n).enumerate() {
+                keys[past + row % l + 1..].fill(f32::NEG_INFINITY);
+            }
+            let t = Tensor::from_vec(scores.clone(), (h * l, n), &Device::Cpu)?;
+            let m = Tensor::from_vec(mask, (h * l, n), &Device::Cpu)?;
+            let want = candle_nn::ops::softmax_last_dim(&((t * scale as f64)? + m)?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let mut got = scores;
+            causal_softmax(&mut got, n, l, past, scale);
+            assert_eq!(got, want, "h {h} l {l} past {past}");
+        }
+        Ok(())
+    }
 }
