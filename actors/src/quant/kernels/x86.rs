@@ -130,12 +130,10 @@ impl Dots for Avx512 {
         scales: &[f32],
         group: usize,
     ) -> [f32; N] {
-        unsafe {
-            match group {
-                32 => dot4_f32_avx512_xn_g32(row, x, scales),
-                64 => dot4_f32_xn_zmm::<1, N>(row, x, scales),
-                _ => dot4_f32_xn_zmm::<2, N>(row, x, scales),
-            }
+        match group {
+            32 => unsafe { dot4_f32_avx512_xn_g32(row, x, scales) },
+            // Groups of 64 and 128 take `f32_rows` (`rows_xn`) for every block of tokens; this is not reached.
+            _ => std::array::from_fn(|i| Self::dot4_f32(row, x[i], scales, group)),
         }
     }
     #[inline(always)]
@@ -1330,50 +1328,6 @@ unsafe fn f32_rows<const CHUNKS: usize, const N: usize>(
             }
         }
     }
-}
-
-/// [`dot4_f32_zmm`] for `N` tokens: each 16 packed bytes are widened and converted once for all of them.
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn dot4_f32_xn_zmm<const CHUNKS: usize, const N: usize>(
-    row: &[u8],
-    x: [&[f32]; N],
-    scales: &[f32],
-) -> [f32; N] {
-    let mut acc = [_mm512_setzero_ps(); N];
-    let p = row.as_ptr();
-    let xp = x.map(|x| x.as_ptr());
-    let group = 64 * CHUNKS;
-    let lut = codes_lut();
-    for (g, &s) in scales.iter().enumerate() {
-        if (g * group / 2).is_multiple_of(64) {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(g * group / 2 + PREFETCH) as *const i8);
-        }
-        let mut a = [_mm512_setzero_ps(); N];
-        let mut b = [_mm512_setzero_ps(); N];
-        for k in 0..CHUNKS {
-            let j = g * group + 64 * k;
-            for h in 0..2 {
-                unsafe {
-                    let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                        p.add(j / 2 + 16 * h) as *const __m128i
-                    ));
-                    let lo = _mm512_permutexvar_ps(v, lut);
-                    let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
-                    for t in 0..N {
-                        a[t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp[t].add(j + 16 * h)), a[t]);
-                        b[t] =
-                            _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp[t].add(j + 32 + 16 * h)), b[t]);
-                    }
-                }
-            }
-        }
-        let sv = _mm512_set1_ps(s);
-        for t in 0..N {
-            acc[t] = _mm512_fmadd_ps(_mm512_add_ps(a[t], b[t]), sv, acc[t]);
-        }
-    }
-    acc.map(|v| _mm512_reduce_add_ps(v))
 }
 
 // ---- four rows per pass (one token) ----
