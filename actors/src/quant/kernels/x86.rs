@@ -1015,13 +1015,24 @@ impl<'a> RowReader<'a> {
 
     #[inline(always)]
     fn row(&mut self, r: usize) -> KernelRow<'a> {
+        self.row_cols(r, 0..self.m.cols)
+    }
+
+    /// Row `r` with only columns `cols` widened (a span of `f32_rows`, whose widened codes are 4-bit: they
+    /// land at byte `cols.start / 2`, where the kernel reads them).
+    #[inline(always)]
+    fn row_cols(&mut self, r: usize, cols: std::ops::Range<usize>) -> KernelRow<'a> {
         let m = self.m;
         let (rb, at) = (m.row_bytes(), r * m.groups_per_row() * m.scale_type.size());
         let packed = &m.packed[r * rb..(r + 1) * rb];
         let codes = if m.bits == 4 {
             packed.as_ptr()
         } else {
-            Avx512::widen(packed, m.bits, m.group, self.int8, &mut self.widened);
+            debug_assert!(cols.start == 0 || !self.int8);
+            let bits = m.bits as usize;
+            let part = &packed[cols.start * bits / 8..cols.end * bits / 8];
+            let out = &mut self.widened[cols.start / 2..];
+            Avx512::widen(part, m.bits, m.group, self.int8, out);
             self.widened.as_ptr()
         };
         KernelRow {
@@ -1265,7 +1276,7 @@ unsafe fn f32_rows<const CHUNKS: usize, const N: usize>(
                 codes: p,
                 scales: sr,
                 biases: br,
-            } = reader.row(row);
+            } = reader.row_cols(row, g0 * group..(g0 + span).min(gpr) * group);
             // Two accumulators per token (low and high nibbles) keep 2·N FMA chains in flight.
             let mut a = [_mm512_setzero_ps(); N];
             let mut b = [_mm512_setzero_ps(); N];
