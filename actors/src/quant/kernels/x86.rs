@@ -34,6 +34,10 @@ impl Dots for Avx2 {
     fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
         unsafe { dot_bf16_avx2(row, x) }
     }
+    #[inline(always)]
+    fn dot_bf16_xn<const N: usize>(row: &[u8], x: [&[f32]; N]) -> [f32; N] {
+        unsafe { dot_bf16_xn_avx2(row, x) }
+    }
 }
 
 impl Dots for Avx512 {
@@ -56,6 +60,10 @@ impl Dots for Avx512 {
     #[inline(always)]
     fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
         unsafe { dot_bf16_avx512(row, x) }
+    }
+    #[inline(always)]
+    fn dot_bf16_xn<const N: usize>(row: &[u8], x: [&[f32]; N]) -> [f32; N] {
+        unsafe { dot_bf16_xn_avx512(row, x) }
     }
     #[inline(always)]
     fn widen(packed: &[u8], bits: u32, group: usize, int8: bool, out: &mut [u8]) -> usize {
@@ -1461,6 +1469,35 @@ pub unsafe fn dot_bf16_avx2(row: &[u8], x: &[f32]) -> f32 {
     hsum256(acc) + super::scalar::dot_bf16(&row[2 * n..], &x[n..])
 }
 
+/// [`dot_bf16_avx2`] for `N` tokens: eight weights widened once meet every token with one FMA.
+///
+/// # Safety
+/// Needs AVX2 + FMA; `row.len() == 2 · x[t].len()` for every token.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_bf16_xn_avx2<const N: usize>(row: &[u8], x: [&[f32]; N]) -> [f32; N] {
+    let n = row.len() / 2 / 8 * 8;
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut i = 0;
+    while i < n {
+        unsafe {
+            let w =
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(row.as_ptr().add(2 * i) as *const __m128i));
+            let w = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+            for t in 0..N {
+                acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x[t].as_ptr().add(i)), acc[t]);
+            }
+        }
+        i += 8;
+    }
+    // A loop, not `array::from_fn`: a closure would not inherit `target_feature`.
+    let mut sums = [0f32; N];
+    for t in 0..N {
+        sums[t] = hsum256(acc[t]) + super::scalar::dot_bf16(&row[2 * n..], &x[t][n..]);
+    }
+    sums
+}
+
 /// # Safety
 /// Needs AVX-512F; `row.len() == 2 · x.len()`.
 #[target_feature(enable = "avx512f,avx2,fma")]
@@ -1480,6 +1517,38 @@ pub unsafe fn dot_bf16_avx512(row: &[u8], x: &[f32]) -> f32 {
         i += 16;
     }
     _mm512_reduce_add_ps(acc) + super::scalar::dot_bf16(&row[2 * n..], &x[n..])
+}
+
+/// [`dot_bf16_avx512`] for `N` tokens: sixteen weights widened once meet every token with one FMA.
+///
+/// # Safety
+/// Needs AVX-512F; `row.len() == 2 · x[t].len()` for every token.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot_bf16_xn_avx512<const N: usize>(row: &[u8], x: [&[f32]; N]) -> [f32; N] {
+    let cols = row.len() / 2;
+    let n = cols / 16 * 16;
+    let mut acc = [_mm512_setzero_ps(); N];
+    let mut i = 0;
+    while i < n {
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(2 * i + PREFETCH) as *const i8);
+            let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                row.as_ptr().add(2 * i) as *const __m256i
+            ));
+            let w = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+            for t in 0..N {
+                acc[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x[t].as_ptr().add(i)), acc[t]);
+            }
+        }
+        i += 16;
+    }
+    // A loop, not `array::from_fn`: a closure would not inherit `target_feature`.
+    let mut sums = [0f32; N];
+    for t in 0..N {
+        sums[t] = _mm512_reduce_add_ps(acc[t]) + super::scalar::dot_bf16(&row[2 * n..], &x[t][n..]);
+    }
+    sums
 }
 
 // ---- four tokens per pass, groups of 32 ----
