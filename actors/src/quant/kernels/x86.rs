@@ -1223,11 +1223,56 @@ unsafe fn units_pass<const CHUNKS: usize, const N: usize, const WIDE: bool, cons
         }
         idx = _mm512_add_epi32(idx, step);
     }
+    // All the block's sums in one transposing tree (`R · N` is at most sixteen), token-major.
+    let mut v = [_mm512_setzero_ps(); 16];
     for (k, row_acc) in acc.iter().enumerate() {
         for (t, a) in row_acc.iter().enumerate() {
-            super::store(out, m.rows, rows[k], t0 + t, _mm512_reduce_add_ps(*a));
+            v[t * R + k] = *a;
         }
     }
+    let mut sums = [0f32; 16];
+    unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), lane_sums16(&v)) };
+    for t in 0..N {
+        for (k, &r) in rows.iter().enumerate() {
+            super::store(out, m.rows, r, t0 + t, sums[t * R + k]);
+        }
+    }
+}
+
+/// Element `i` of the result: the sum of the sixteen lanes of `v[i]`. A transposing tree of 45 instructions
+/// instead of sixteen reductions of eight; every vector's lanes are added in the same order wherever it sits
+/// in `v`, so a row's result does not depend on the rows and tokens beside it.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn lane_sums16(v: &[__m512; 16]) -> __m512 {
+    // Pairs (a, b): per 128-bit lane [a0+a2, b0+b2, a1+a3, b1+b3].
+    let mut p = [_mm512_setzero_ps(); 8];
+    for (i, p) in p.iter_mut().enumerate() {
+        let (a, b) = (v[2 * i], v[2 * i + 1]);
+        *p = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    }
+    // Quads (a, b, c, d): per 128-bit lane each vector's sum over that lane.
+    let mut q = [_mm512_setzero_ps(); 4];
+    for (i, q) in q.iter_mut().enumerate() {
+        let (x, y) = (_mm512_castps_pd(p[2 * i]), _mm512_castps_pd(p[2 * i + 1]));
+        *q = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)),
+        );
+    }
+    // The four 128-bit lanes of each quad: lanes 0 + 1 and 2 + 3, then those two, quad m in lane m.
+    let (u01, u23) = (lane_pairs(q[0], q[1]), lane_pairs(q[2], q[3]));
+    lane_pairs(u01, u23)
+}
+
+/// `[x0 + x1, x2 + x3, y0 + y1, y2 + y3]` over 128-bit lanes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn lane_pairs(x: __m512, y: __m512) -> __m512 {
+    _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+        _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+    )
 }
 
 /// [`f32_rows`] for a block of 2 to 4 tokens (see `affine_rows`); false for other counts.
