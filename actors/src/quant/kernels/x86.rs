@@ -1628,3 +1628,46 @@ unsafe fn dot4_f32_avx512_xn_g32<const N: usize>(
     }
     acc.map(|v| _mm512_reduce_add_ps(v))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each vector's sum lands in its own element, is the same wherever the vector sits, and is its lanes' sum.
+    #[test]
+    fn lane_sums16_are_each_vectors_sum_wherever_it_sits() {
+        if !has_avx512() {
+            return;
+        }
+        let values: Vec<[f32; 16]> = (0..16)
+            .map(|i| std::array::from_fn(|l| ((i * 37 + l * 11) % 29) as f32 * 0.37 - 4.1))
+            .collect();
+        // SAFETY (all): AVX-512F is present (checked above).
+        let load = |a: &[f32; 16]| unsafe { _mm512_loadu_ps(a.as_ptr()) };
+        let sums = |v: &[__m512; 16]| {
+            let mut s = [0f32; 16];
+            unsafe { _mm512_storeu_ps(s.as_mut_ptr(), lane_sums16(v)) };
+            s
+        };
+        let v: [__m512; 16] = std::array::from_fn(|i| load(&values[i]));
+        let got = sums(&v);
+        for (i, lanes) in values.iter().enumerate() {
+            let want: f32 = lanes.iter().sum();
+            assert!(
+                (got[i] - want).abs() < 1e-4,
+                "vector {i}: {} vs {want}",
+                got[i]
+            );
+            // Vector i alone at every other position, zeros elsewhere: bit for bit the same sum.
+            for at in 0..16 {
+                let mut alone = [unsafe { _mm512_setzero_ps() }; 16];
+                alone[at] = v[i];
+                assert_eq!(
+                    sums(&alone)[at].to_bits(),
+                    got[i].to_bits(),
+                    "vector {i} at {at}"
+                );
+            }
+        }
+    }
+}
