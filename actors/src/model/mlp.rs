@@ -104,13 +104,7 @@ fn silu_mul(g: &mut [f32], u: &[f32]) {
 fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    let x = if x < -87.0 {
-        -87.0
-    } else if x > 88.0 {
-        88.0
-    } else {
-        x
-    };
+    let x = x.clamp(-87.0, 88.0);
     // Rounded to the nearest integer by adding and subtracting 1.5 · 2^23, whose bits then hold `n` in their
     // low part (`round` and float-to-int conversions would keep the loop from vectorizing).
     const ROUND: f32 = 12_582_912.0;
