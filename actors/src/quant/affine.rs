@@ -208,11 +208,11 @@ pub fn pack(codes: &[u8], bits: u32) -> Vec<u8> {
     out
 }
 
-/// Unpacks `out.len()` codes of `bits` each from the start of `bytes`. Eight codes span exactly `bits` bytes,
-/// so each step reads those bytes as one little-endian word and shifts the codes out.
 /// Codes [`AffineMatrix::dequantize_rows`] unpacks at a time.
 const DEQUANT_BLOCK: usize = 16384;
 
+/// Unpacks `out.len()` codes of `bits` each from the start of `bytes`. Eight codes span exactly `bits` bytes,
+/// so each step reads those bytes as one little-endian word and shifts the codes out (4-bit codes: two per byte).
 pub fn unpack(bytes: &[u8], bits: u32, out: &mut [u8]) {
     match bits {
         2 => unpack_words::<2>(bytes, out),

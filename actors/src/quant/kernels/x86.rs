@@ -32,7 +32,7 @@ impl Dots for Avx2 {
     }
     #[inline(always)]
     fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
-        unsafe { dot_bf16_avx2(row, x) }
+        unsafe { dot_bf16_xn_avx2(row, [x])[0] }
     }
     #[inline(always)]
     fn dot_bf16_xn<const N: usize>(row: &[u8], x: [&[f32]; N]) -> [f32; N] {
@@ -59,7 +59,7 @@ impl Dots for Avx512 {
     }
     #[inline(always)]
     fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
-        unsafe { dot_bf16_avx512(row, x) }
+        unsafe { dot_bf16_xn_avx512(row, [x])[0] }
     }
     #[inline(always)]
     fn dot_bf16_xn<const N: usize>(row: &[u8], x: [&[f32]; N]) -> [f32; N] {
@@ -1495,26 +1495,8 @@ unsafe fn dot4_f32_rows4_zmm<const CHUNKS: usize>(
 
 // ---- bf16 weights ----
 
-/// # Safety
-/// Needs AVX2 + FMA; `row.len() == 2 · x.len()`.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_bf16_avx2(row: &[u8], x: &[f32]) -> f32 {
-    let n = x.len() / 8 * 8;
-    let mut acc = _mm256_setzero_ps();
-    let mut i = 0;
-    while i < n {
-        unsafe {
-            let w =
-                _mm256_cvtepu16_epi32(_mm_loadu_si128(row.as_ptr().add(2 * i) as *const __m128i));
-            let w = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-            acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x.as_ptr().add(i)), acc);
-        }
-        i += 8;
-    }
-    hsum256(acc) + super::scalar::dot_bf16(&row[2 * n..], &x[n..])
-}
-
-/// [`dot_bf16_avx2`] for `N` tokens: eight weights widened once meet every token with one FMA.
+/// bf16 row (little-endian bytes) × `N` tokens of f32 activations: eight weights widened once meet every token
+/// with one FMA.
 ///
 /// # Safety
 /// Needs AVX2 + FMA; `row.len() == 2 · x[t].len()` for every token.
@@ -1543,28 +1525,7 @@ unsafe fn dot_bf16_xn_avx2<const N: usize>(row: &[u8], x: [&[f32]; N]) -> [f32; 
     sums
 }
 
-/// # Safety
-/// Needs AVX-512F; `row.len() == 2 · x.len()`.
-#[target_feature(enable = "avx512f,avx2,fma")]
-pub unsafe fn dot_bf16_avx512(row: &[u8], x: &[f32]) -> f32 {
-    let n = x.len() / 16 * 16;
-    let mut acc = _mm512_setzero_ps();
-    let mut i = 0;
-    while i < n {
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(2 * i + PREFETCH) as *const i8);
-            let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                row.as_ptr().add(2 * i) as *const __m256i
-            ));
-            let w = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-            acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x.as_ptr().add(i)), acc);
-        }
-        i += 16;
-    }
-    _mm512_reduce_add_ps(acc) + super::scalar::dot_bf16(&row[2 * n..], &x[n..])
-}
-
-/// [`dot_bf16_avx512`] for `N` tokens: sixteen weights widened once meet every token with one FMA.
+/// [`dot_bf16_xn_avx2`] with 512-bit registers, prefetching ahead in the row.
 ///
 /// # Safety
 /// Needs AVX-512F; `row.len() == 2 · x[t].len()` for every token.
