@@ -11,6 +11,10 @@
 //!   in the unpacked chunk order, which those kernels load as it is. **5- and 6-bit** rows are widened to a
 //!   byte per code.
 //!
+//! - **Eight or more f32 tokens** on AVX-512 (a prefill's dense matrices, its busiest experts): rows are
+//!   dequantized once into a per-thread tile and met by blocks of four tokens with plain FMAs
+//!   ([`Dots::f32_tiles`]), instead of being unpacked again for every block of tokens.
+//!
 //! Two activation paths:
 //! - **f32**: codes × f32 activations, exact up to summation order;
 //! - **int8**: activations quantized per weight group (step `max|x| / 127`), integer dot products
@@ -516,6 +520,19 @@ trait Dots {
         false
     }
 
+    /// f32 activations of [`TILE_TOKENS`] or more tokens against rows `rows` of 4-bit (or widened) matrix
+    /// `m`, through rows dequantized once, where this set has a kernel for it (it then stores the outputs and
+    /// returns true).
+    #[inline(always)]
+    fn f32_tiles(
+        _m: &AffineMatrix,
+        _px: &Prepared,
+        _out: &Out,
+        _rows: std::ops::Range<usize>,
+    ) -> bool {
+        false
+    }
+
     /// [`Dots::dot4_f32`] for `N` tokens at once.
     #[inline(always)]
     fn dot4_f32_xn<const N: usize>(
@@ -626,8 +643,19 @@ fn bf16_pass<K: Dots, const N: usize>(
     }
 }
 
+/// f32 tokens per call from which rows are dequantized once for all of them ([`Dots::f32_tiles`]) rather than
+/// unpacked in registers for every block of tokens.
+const TILE_TOKENS: usize = 8;
+
 #[inline(always)]
 fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r1: usize) {
+    if m.bits <= 4
+        && px.xq.is_empty()
+        && px.tokens >= TILE_TOKENS
+        && K::f32_tiles(m, px, out, r0..r1)
+    {
+        return;
+    }
     // The loop runs here, not in a `with` closure: closures do not inherit `target_feature`.
     let (mut codes, mut scales, mut biases) = SCRATCH.with(|s| s.take());
     let gpr = m.groups_per_row();
@@ -868,7 +896,8 @@ mod tests {
     #[test]
     fn every_isa_matches_the_reference_for_every_width_and_group() {
         // 600 rows × 384 columns crosses the parallel threshold for the wider formats; one token takes the
-        // four-rows-per-pass path (37 rows leave a tail of one).
+        // four-rows-per-pass path (37 rows leave a tail of one); eleven f32 tokens on AVX-512 take the
+        // dequantized tiles (blocks of 4, 4 and 3 tokens; 37 rows leave partial tiles and row blocks).
         let cols = 384;
         for (t, bits) in [1, 6, 11]
             .into_iter()
@@ -907,10 +936,17 @@ mod tests {
 
     #[test]
     fn wide_rows_in_column_spans_match_the_reference() {
-        // 4608 columns: the f32 several-token kernel runs them in spans of 2048 (and a partial one), adding
-        // each span's sums to the last; 2- and 3-bit rows are widened again for each span.
+        // 4608 columns: the f32 several-token kernel runs them in spans of 2048 (and a partial one), the
+        // dequantized tiles of eight or more tokens in spans of 512, adding each span's sums to the last; 2- and
+        // 3-bit rows are widened again for each span.
         let cols = 4608;
-        for (t, bits, group) in [(6, 4, 64), (11, 4, 128), (5, 3, 64), (2, 2, 128)] {
+        for (t, bits, group) in [
+            (6, 4, 64),
+            (11, 4, 128),
+            (5, 3, 64),
+            (2, 2, 128),
+            (9, 3, 64),
+        ] {
             let x = activations(t * cols);
             let m = with_scale_type(&matrix(37, cols, bits, group, 9), ScaleType::Bf16);
             let want = reference(&m, &x);
