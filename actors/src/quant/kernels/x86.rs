@@ -1432,9 +1432,9 @@ unsafe fn f32_tiles<const CHUNKS: usize>(
     rows: std::ops::Range<usize>,
 ) {
     let (group, gpr, tokens) = (64 * CHUNKS, m.groups_per_row(), px.tokens);
-    let span = (TILE_SPAN / group).max(1);
+    // At most sixteen groups per span: one load of scales and biases each.
+    let span = (TILE_SPAN / group).clamp(1, 16);
     let mut reader = RowReader::new(m, false);
-    let (mut scales, mut biases) = (vec![0f32; gpr], vec![0f32; gpr]);
     let len = TILE_ROWS * span * group;
     let mut tile = match TILE.with(|c| c.take()) {
         Some(t) if t.len() == len => t,
@@ -1447,13 +1447,25 @@ unsafe fn f32_tiles<const CHUNKS: usize>(
             let g1 = (g0 + span).min(gpr);
             let (c0, width) = (g0 * group, (g1 - g0) * group);
             for r in r0..r1 {
-                m.rows_scales(r..r + 1, &mut scales, &mut biases);
-                let p = reader.row_cols(r, c0..c0 + width).codes;
+                let KernelRow {
+                    codes: p,
+                    scales: sr,
+                    biases: br,
+                    ..
+                } = reader.row_cols(r, c0..c0 + width);
                 let dst = tile[(r - r0) * width..].as_mut_ptr();
+                // The span's scales and biases (sixteen groups from its first, those past the row masked) as f32,
+                // for the multiplies below to take as broadcast operands.
+                let (mut sc, mut bi) = ([0f32; 16], [0f32; 16]);
+                unsafe {
+                    let mask = group_mask(gpr - g0);
+                    _mm512_storeu_ps(sc.as_mut_ptr(), scales16(sr, m.scale_type, g0, mask));
+                    _mm512_storeu_ps(bi.as_mut_ptr(), scales16(br, m.scale_type, g0, mask));
+                }
                 for g in g0..g1 {
                     // `s·q + b` for each code value q: the permutations give the weights.
-                    let lut_sb =
-                        _mm512_fmadd_ps(lut, _mm512_set1_ps(scales[g]), _mm512_set1_ps(biases[g]));
+                    let (s, b) = (sc[g - g0], bi[g - g0]);
+                    let lut_sb = _mm512_fmadd_ps(lut, _mm512_set1_ps(s), _mm512_set1_ps(b));
                     for k in 0..CHUNKS {
                         let j = g * group + 64 * k;
                         for h in 0..2 {
