@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod cache;
+mod exp;
 pub mod linear;
 pub mod mlp;
 pub mod moe;
