@@ -5,9 +5,11 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::linear::Linear;
 use crate::model::mlp::Mlp;
+use crate::quant::pool::Pool;
 use crate::weights::Weights;
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 /// One routed (token, expert) pair with its gate weight.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -169,44 +171,79 @@ impl ExpertGroup {
                 .push((a.token, a.weight));
         }
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let mut inputs = Vec::with_capacity(by_expert.len());
+        let by_expert: Vec<(u32, Vec<(u32, f32)>)> = by_expert.into_iter().collect();
+        let mut mlps = Vec::with_capacity(by_expert.len());
         for (expert, rows) in &by_expert {
-            let mlp = self.experts.get(&(*expert as usize)).ok_or_else(|| {
+            mlps.push(self.experts.get(&(*expert as usize)).ok_or_else(|| {
                 Error::Invalid(format!(
                     "layer {}: expert {expert} is not held here",
                     self.layer
                 ))
-            })?;
+            })?);
+            if let Some(&(token, _)) = rows.iter().find(|(token, _)| *token as usize >= t) {
+                return Err(Error::Invalid(format!(
+                    "layer {}: token {token} of {t} routed",
+                    self.layer
+                )));
+            }
+        }
+        let pool = (t >= PARALLEL_TOKENS).then(Pool::global);
+        // Each expert's tokens gathered into its own input, the experts in parallel for a prefill.
+        let gather = |e: usize| -> Vec<f32> {
+            let rows = &by_expert[e].1;
             let mut rows_x = Vec::with_capacity(rows.len() * hidden);
             for &(token, _) in rows {
                 let token = token as usize;
-                let row = xs
-                    .get(token * hidden..(token + 1) * hidden)
-                    .ok_or_else(|| {
-                        Error::Invalid(format!("layer {}: token {token} of {t} routed", self.layer))
-                    })?;
-                rows_x.extend_from_slice(row);
+                rows_x.extend_from_slice(&xs[token * hidden..(token + 1) * hidden]);
             }
-            inputs.push((mlp, rows_x));
-        }
-        let mut items: Vec<(&Mlp, &[f32])> = inputs.iter().map(|(m, x)| (*m, &x[..])).collect();
+            rows_x
+        };
+        let inputs: Vec<Vec<f32>> = match pool {
+            Some(p) => p.map(by_expert.len(), &gather),
+            None => (0..by_expert.len()).map(gather).collect(),
+        };
+        let mut items: Vec<(&Mlp, &[f32])> = mlps
+            .iter()
+            .zip(&inputs)
+            .map(|(m, x)| (*m, &x[..]))
+            .collect();
         items.extend(shared.map(|s| (s, &xs[..])));
         let mut outputs = Mlp::apply_many(&items)?;
         let mut out: Vec<f32> = match shared {
             Some(_) => outputs.pop().unwrap_or_default(),
             None => vec![0f32; t * hidden],
         };
-        for (rows, y) in by_expert.values().zip(outputs) {
+        // Each token's weighted expert outputs, in expert order (the same sums however the tokens are split),
+        // the tokens in parallel for a prefill.
+        let mut per_token: Vec<Vec<(usize, usize, f32)>> = vec![Vec::new(); t];
+        for (e, (_, rows)) in by_expert.iter().enumerate() {
             for (i, &(token, weight)) in rows.iter().enumerate() {
-                let dst = &mut out[token as usize * hidden..(token as usize + 1) * hidden];
-                for (d, s) in dst.iter_mut().zip(&y[i * hidden..(i + 1) * hidden]) {
+                per_token[token as usize].push((e, i, weight));
+            }
+        }
+        let tokens: Vec<Mutex<&mut [f32]>> = out.chunks_exact_mut(hidden).map(Mutex::new).collect();
+        let scatter = |token: usize| {
+            let mut dst = tokens[token].lock().unwrap_or_else(|e| e.into_inner());
+            for &(e, i, weight) in &per_token[token] {
+                for (d, s) in dst
+                    .iter_mut()
+                    .zip(&outputs[e][i * hidden..(i + 1) * hidden])
+                {
                     *d += weight * s;
                 }
             }
+        };
+        match pool {
+            Some(p) => p.run(t, &scatter),
+            None => (0..t).for_each(scatter),
         }
+        drop(tokens);
         Ok(Tensor::from_vec(out, (t, hidden), &Device::Cpu)?)
     }
 }
+
+/// Tokens per call from which gathering and scattering them run on the kernels' pool (a prefill's).
+const PARALLEL_TOKENS: usize = 16;
 
 /// Dense MLP of layers below `first_k_dense_replace`, or the MoE block.
 pub enum Ffn {
