@@ -1287,7 +1287,7 @@ fn lane_pairs(x: __m512, y: __m512) -> __m512 {
     )
 }
 
-/// [`f32_rows`] for a block of 2 to 4 tokens (see `affine_rows`); false for other counts.
+/// [`f32_rows`] for a block of 2 to 6 tokens (see `affine_rows`); false for other counts.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn f32_rows_n<const CHUNKS: usize>(
