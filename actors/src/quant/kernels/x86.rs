@@ -1287,6 +1287,10 @@ fn lane_pairs(x: __m512, y: __m512) -> __m512 {
     )
 }
 
+/// Sixteen floats on a 64-byte boundary (one vector's store).
+#[repr(align(64))]
+struct Aligned16([f32; 16]);
+
 /// [`f32_rows`] for a block of 2 to 6 tokens (see `affine_rows`); false for other counts.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
@@ -1345,11 +1349,14 @@ unsafe fn f32_rows<const CHUNKS: usize, const N: usize>(
             // Two accumulators per token (low and high nibbles) keep 2·N FMA chains in flight.
             let mut a = [_mm512_setzero_ps(); N];
             let mut b = [_mm512_setzero_ps(); N];
-            let mut sv = _mm512_setzero_ps();
+            // The block's scales as f32 in memory: each group's broadcast is then a load, not a permutation
+            // (shuffles compete with the unpacking below for one port).
+            let mut s16 = Aligned16([0.0; 16]);
             for g in g0..(g0 + span).min(gpr) {
                 if g.is_multiple_of(16) {
                     let mask = group_mask(gpr - g);
-                    sv = unsafe { scales16(sr, m.scale_type, g, mask) };
+                    let sv = unsafe { scales16(sr, m.scale_type, g, mask) };
+                    unsafe { _mm512_store_ps(s16.0.as_mut_ptr(), sv) };
                     let bv = unsafe { scales16(br, m.scale_type, g, mask) };
                     for t in 0..N {
                         let xs = unsafe { _mm512_maskz_loadu_ps(mask, xsum[t].add(g)) };
@@ -1357,10 +1364,7 @@ unsafe fn f32_rows<const CHUNKS: usize, const N: usize>(
                     }
                 }
                 // `s·q` for each code value q: the permutations below then give scaled weights directly.
-                let lut_s = _mm512_mul_ps(
-                    lut,
-                    _mm512_permutexvar_ps(_mm512_set1_epi32((g % 16) as i32), sv),
-                );
+                let lut_s = _mm512_mul_ps(lut, _mm512_set1_ps(s16.0[g % 16]));
                 // Ahead in the checkpoint's row stream (a widened row is already in L1); across spans, the
                 // next row's part of this one.
                 let at = g * group * m.bits as usize / 8;
