@@ -246,7 +246,7 @@ impl Attention {
         let values = kv.narrow(1, 0, r)?.contiguous()?; // [N, r]
         let out = if l < HEADS_ON_POOL {
             let q_lat = self.embed_q.forward(&q_nope)?; // [h, L, r]
-            let out_lat = self.core(&q_lat, &q_pe, &kv, &values, past)?;
+            let out_lat = core(&q_lat, &q_pe, &kv, &values, past, self.scale as f32)?;
             self.unembed_out.forward(&out_lat)? // [h, L, v]
         } else {
             // Many new tokens: a share of the heads per task on the kernels' pool, with each head's `embed_q`
@@ -261,7 +261,7 @@ impl Attention {
                     .narrow(0, h0, hh)?
                     .matmul(&embed_q.transpose(1, 2)?)?;
                 let q_pe = q_pe.narrow(0, h0, hh)?;
-                let out_lat = self.core(&q_lat, &q_pe, &kv, &values, past)?;
+                let out_lat = core(&q_lat, &q_pe, &kv, &values, past, self.scale as f32)?;
                 let unembed_out = self.unembed_out.heads_f32(heads)?; // [hh, v, r]
                 Ok(out_lat.matmul(&unembed_out.transpose(1, 2)?)?) // [hh, L, v]
             };
@@ -270,27 +270,48 @@ impl Attention {
         };
         Ok(out.transpose(0, 1)?.contiguous()?.reshape((l, ()))?)
     }
-
-    /// Scaled dot-product attention of some heads over the cached latents: `q_lat: [hh, L, r]`,
-    /// `q_pe: [hh, L, e]`, `kv: [N, r+e]`, `values: [N, r]` (the latent part of `kv`); `past` tokens
-    /// were cached before these `L` → `[hh, L, r]`.
-    fn core(
-        &self,
-        q_lat: &Tensor,
-        q_pe: &Tensor,
-        kv: &Tensor,
-        values: &Tensor,
-        past: usize,
-    ) -> Result<Tensor> {
-        let (hh, l, r) = q_lat.dims3()?;
-        let n = kv.dims()[0];
-        let query = Tensor::cat(&[q_lat, q_pe], 2)?.reshape((hh * l, ()))?;
-        let mut scores = query.matmul(&kv.t()?)?.flatten_all()?.to_vec1::<f32>()?; // [hh·L, N]
-        causal_softmax(&mut scores, n, l, past, self.scale as f32);
-        let probs = Tensor::from_vec(scores, (hh * l, n), &Device::Cpu)?;
-        Ok(probs.matmul(values)?.reshape((hh, l, r))?)
-    }
 }
+
+/// Scaled dot-product attention of some heads over the cached latents: `q_lat: [hh, L, r]`,
+/// `q_pe: [hh, L, e]`, `kv: [N, r+e]`, `values: [N, r]` (the latent part of `kv`); `past` tokens
+/// were cached before these `L` → `[hh, L, r]`. Queries go in blocks of [`QUERY_BLOCK`], each against the
+/// keys up to its last position only: a long prefill skips most of the scores the causal mask would zero.
+fn core(
+    q_lat: &Tensor,
+    q_pe: &Tensor,
+    kv: &Tensor,
+    values: &Tensor,
+    past: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let (hh, l, r) = q_lat.dims3()?;
+    let query = Tensor::cat(&[q_lat, q_pe], 2)?; // [hh, L, r+e]
+    let mut outs = Vec::with_capacity(l.div_ceil(QUERY_BLOCK));
+    for i0 in (0..l).step_by(QUERY_BLOCK) {
+        let b = QUERY_BLOCK.min(l - i0);
+        // Keys any query of the block sees: those cached before the step and the step's up to the block's end.
+        let n = past + i0 + b;
+        let q = query
+            .narrow(1, i0, b)?
+            .contiguous()?
+            .reshape((hh * b, ()))?;
+        let mut scores = q
+            .matmul(&kv.narrow(0, 0, n)?.t()?)?
+            .flatten_all()?
+            .to_vec1::<f32>()?; // [hh·b, n]
+        causal_softmax(&mut scores, n, b, past + i0, scale);
+        let probs = Tensor::from_vec(scores, (hh * b, n), &Device::Cpu)?;
+        outs.push(
+            probs
+                .matmul(&values.narrow(0, 0, n)?)?
+                .reshape((hh, b, r))?,
+        );
+    }
+    Ok(Tensor::cat(&outs, 1)?)
+}
+
+/// Queries per block of [`core`]: 64 new tokens (a bench prefill) in one block.
+const QUERY_BLOCK: usize = 64;
 
 /// New tokens of one sequence's step from which the heads' attention runs on the pool (see [`Attention::attend`]).
 const HEADS_ON_POOL: usize = 16;
@@ -373,6 +394,48 @@ fn load_head_projections(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Queries in blocks (here 64 + 64 + 22, after 0 or 10 cached tokens) give what one pass over all the keys
+    /// with candle's scale, `-inf` mask and softmax gives.
+    #[test]
+    fn blocks_of_queries_match_one_masked_pass() -> Result<()> {
+        let (hh, l, r, e) = (2, 150, 16, 8);
+        assert!(l > 2 * QUERY_BLOCK && !l.is_multiple_of(QUERY_BLOCK));
+        let val = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i + seed) * 7919 % 613) as f32 / 306.5) - 1.0)
+                .collect()
+        };
+        for past in [0, 10] {
+            let n = past + l;
+            let q_lat = Tensor::from_vec(val(hh * l * r, 1), (hh, l, r), &Device::Cpu)?;
+            let q_pe = Tensor::from_vec(val(hh * l * e, 2), (hh, l, e), &Device::Cpu)?;
+            let kv = Tensor::from_vec(val(n * (r + e), 3), (n, r + e), &Device::Cpu)?;
+            let values = kv.narrow(1, 0, r)?.contiguous()?;
+            let scale = 0.3f32;
+            let got = core(&q_lat, &q_pe, &kv, &values, past, scale)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+
+            let query = Tensor::cat(&[&q_lat, &q_pe], 2)?.reshape((hh * l, r + e))?;
+            let mut mask = vec![0f32; hh * l * n];
+            for (row, keys) in mask.chunks_exact_mut(n).enumerate() {
+                keys[past + row % l + 1..].fill(f32::NEG_INFINITY);
+            }
+            let mask = Tensor::from_vec(mask, (hh * l, n), &Device::Cpu)?;
+            let scores = ((query.matmul(&kv.t()?)? * scale as f64)? + mask)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let want = probs.matmul(&values)?.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5,
+                    "past {past}, value {i}: {g} against {w}"
+                );
+            }
+        }
+        Ok(())
+    }
 
     /// The fused mask and softmax match candle's scale, additive `-inf` mask and `softmax_last_dim` (within the
     /// few ulp of our `exp`; masked keys exactly 0).
