@@ -1352,47 +1352,48 @@ unsafe fn f32_rows<const CHUNKS: usize, const N: usize>(
             // The block's scales as f32 in memory: each group's broadcast is then a load, not a permutation
             // (shuffles compete with the unpacking below for one port).
             let mut s16 = Aligned16([0.0; 16]);
-            for g in g0..(g0 + span).min(gpr) {
-                if g.is_multiple_of(16) {
-                    let mask = group_mask(gpr - g);
-                    let sv = unsafe { scales16(sr, m.scale_type, g, mask) };
-                    unsafe { _mm512_store_ps(s16.0.as_mut_ptr(), sv) };
-                    let bv = unsafe { scales16(br, m.scale_type, g, mask) };
-                    for t in 0..N {
-                        let xs = unsafe { _mm512_maskz_loadu_ps(mask, xsum[t].add(g)) };
-                        a[t] = _mm512_fmadd_ps(bv, xs, a[t]);
-                    }
+            let end = (g0 + span).min(gpr);
+            // Blocks of sixteen groups: their scales and bias term first, then a loop over the groups with no
+            // branches in it (a branch per group cost ~6 % in a copy of this loop).
+            for b0 in (g0..end).step_by(16) {
+                let mask = group_mask(gpr - b0);
+                let sv = unsafe { scales16(sr, m.scale_type, b0, mask) };
+                unsafe { _mm512_store_ps(s16.0.as_mut_ptr(), sv) };
+                let bv = unsafe { scales16(br, m.scale_type, b0, mask) };
+                for t in 0..N {
+                    let xs = unsafe { _mm512_maskz_loadu_ps(mask, xsum[t].add(b0)) };
+                    a[t] = _mm512_fmadd_ps(bv, xs, a[t]);
                 }
-                // `s·q` for each code value q: the permutations below then give scaled weights directly.
-                let lut_s = _mm512_mul_ps(lut, _mm512_set1_ps(s16.0[g % 16]));
-                // Ahead in the checkpoint's row stream (a widened row is already in L1); across spans, the
-                // next row's part of this one.
-                let at = g * group * m.bits as usize / 8;
-                if at.is_multiple_of(64) {
+                for g in b0..(b0 + 16).min(end) {
+                    // `s·q` for each code value q: the permutations below then give scaled weights directly.
+                    let lut_s = _mm512_mul_ps(lut, _mm512_set1_ps(s16.0[g - b0]));
+                    // Ahead in the checkpoint's row stream (a widened row is already in L1); across spans, the
+                    // next row's part of this one.
+                    let at = g * group * m.bits as usize / 8;
                     _mm_prefetch::<_MM_HINT_T0>(
                         packed.as_ptr().wrapping_add(at + ahead) as *const i8
                     );
-                }
-                for k in 0..CHUNKS {
-                    let j = g * group + 64 * k;
-                    for h in 0..2 {
-                        unsafe {
-                            let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                                p.add(j / 2 + 16 * h) as *const __m128i
-                            ));
-                            let lo = _mm512_permutexvar_ps(v, lut_s);
-                            let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut_s);
-                            for t in 0..N {
-                                a[t] = _mm512_fmadd_ps(
-                                    lo,
-                                    _mm512_loadu_ps(x[t].add(j + 16 * h)),
-                                    a[t],
-                                );
-                                b[t] = _mm512_fmadd_ps(
-                                    hi,
-                                    _mm512_loadu_ps(x[t].add(j + 32 + 16 * h)),
-                                    b[t],
-                                );
+                    for k in 0..CHUNKS {
+                        let j = g * group + 64 * k;
+                        for h in 0..2 {
+                            unsafe {
+                                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                                    p.add(j / 2 + 16 * h) as *const __m128i,
+                                ));
+                                let lo = _mm512_permutexvar_ps(v, lut_s);
+                                let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut_s);
+                                for t in 0..N {
+                                    a[t] = _mm512_fmadd_ps(
+                                        lo,
+                                        _mm512_loadu_ps(x[t].add(j + 16 * h)),
+                                        a[t],
+                                    );
+                                    b[t] = _mm512_fmadd_ps(
+                                        hi,
+                                        _mm512_loadu_ps(x[t].add(j + 32 + 16 * h)),
+                                        b[t],
+                                    );
+                                }
                             }
                         }
                     }
