@@ -488,10 +488,7 @@ unsafe fn dot4_f32_zmm<const CHUNKS: usize>(packed: &[u8], x: &[f32], scales: &[
         for k in 0..CHUNKS {
             let j = g * group + 64 * k;
             for h in 0..2 {
-                let v =
-                    _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(j / 2 + 16 * h) as *const __m128i));
-                let lo = _mm512_permutexvar_ps(v, lut);
-                let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+                let (lo, hi) = nibble_values16(p.add(j / 2 + 16 * h), lut);
                 a0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp.add(j + 16 * h)), a0);
                 a1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(j + 32 + 16 * h)), a1);
             }
@@ -700,6 +697,22 @@ fn two_chains<A>(
     if g < groups {
         one(g, &mut acc[0]);
     }
+}
+
+/// Sixteen packed 4-bit bytes at `p` → `table[q]` for their low nibbles (even codes) and for their high nibbles
+/// (odd codes), sixteen lanes each: the bytes widen straight from memory to lanes, and `vpermps` reads only
+/// a lane's low four bits, so one permutation per half does the mask and the lookup.
+///
+/// # Safety
+/// `p` must be readable for 16 bytes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn nibble_values16(p: *const u8, table: __m512) -> (__m512, __m512) {
+    let v = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(p as *const __m128i) });
+    (
+        _mm512_permutexvar_ps(v, table),
+        _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table),
+    )
 }
 
 /// The floats 0..16: `vpermps` with it turns the low four bits of each lane into that code's value, one
@@ -1377,11 +1390,7 @@ unsafe fn f32_rows<const CHUNKS: usize, const N: usize>(
                         let j = g * group + 64 * k;
                         for h in 0..2 {
                             unsafe {
-                                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                                    p.add(j / 2 + 16 * h) as *const __m128i,
-                                ));
-                                let lo = _mm512_permutexvar_ps(v, lut_s);
-                                let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut_s);
+                                let (lo, hi) = nibble_values16(p.add(j / 2 + 16 * h), lut_s);
                                 for t in 0..N {
                                     a[t] = _mm512_fmadd_ps(
                                         lo,
@@ -1475,13 +1484,10 @@ unsafe fn f32_tiles<const CHUNKS: usize>(
                         let j = g * group + 64 * k;
                         for h in 0..2 {
                             unsafe {
-                                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                                    p.add(j / 2 + 16 * h) as *const __m128i,
-                                ));
+                                let (lo, hi) = nibble_values16(p.add(j / 2 + 16 * h), lut_sb);
                                 let d = dst.add(j - c0 + 16 * h);
-                                _mm512_storeu_ps(d, _mm512_permutexvar_ps(v, lut_sb));
-                                let hi = _mm512_srli_epi32(v, 4);
-                                _mm512_storeu_ps(d.add(32), _mm512_permutexvar_ps(hi, lut_sb));
+                                _mm512_storeu_ps(d, lo);
+                                _mm512_storeu_ps(d.add(32), hi);
                             }
                         }
                     }
@@ -1611,11 +1617,7 @@ unsafe fn dot4_f32_rows4_zmm<const CHUNKS: usize>(
                                 p[i].wrapping_add(j / 2 + PREFETCH) as *const i8
                             );
                         }
-                        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                            p[i].add(j / 2 + 16 * h) as *const __m128i
-                        ));
-                        let lo = _mm512_permutexvar_ps(v, lut);
-                        let hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+                        let (lo, hi) = nibble_values16(p[i].add(j / 2 + 16 * h), lut);
                         a[i] = _mm512_fmadd_ps(hi, xh, _mm512_fmadd_ps(lo, xl, a[i]));
                     }
                 }
