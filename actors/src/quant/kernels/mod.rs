@@ -118,6 +118,7 @@ pub(crate) struct Q8<'a> {
     pub q: &'a [i8],
     pub r: &'a [i8],
     /// Whether `q` and `r` are in [`transpose_units`] order.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub units: bool,
 }
 
@@ -156,7 +157,16 @@ struct Prepared {
     /// Per (token, group): the fine int8 step `dx` (a 256th of the coarse one) and the exact `Σx`.
     dx: Vec<f32>,
     xsum: Vec<f32>,
+    /// The f32 activations `xf` of the whole sixteens of tokens transposed for the AVX-512 tiles, in blocks of
+    /// [`XT_BLOCK`] tokens (the last one 16 wide when 16 are left): block `b` is `[cols, width]`. Empty
+    /// elsewhere.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    xt: Aligned<f32>,
 }
+
+/// Tokens per block of [`Prepared::xt`]: two 512-bit registers.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const XT_BLOCK: usize = 32;
 
 impl Prepared {
     /// `group` and `nibbles` as in [`Weight::prep_key`]; `units`: the int8 activations of several tokens
@@ -226,7 +236,24 @@ impl Prepared {
             units,
             dx,
             xsum,
+            xt: Aligned::zeroed(0),
         }
+    }
+
+    /// The tokens [`Prepared::xt`] holds: the whole sixteens.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[inline(always)]
+    fn tiled(&self) -> usize {
+        self.xt.len() / self.cols
+    }
+
+    /// Token block `b` of [`Prepared::xt`]: its first token, its width (32 or 16) and its `[cols, width]` values.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[inline(always)]
+    fn xt_block(&self, b: usize) -> (usize, usize, &[f32]) {
+        let t0 = b * XT_BLOCK;
+        let width = (self.tiled() - t0).min(XT_BLOCK);
+        (t0, width, &self.xt[t0 * self.cols..][..width * self.cols])
     }
 }
 
@@ -521,16 +548,16 @@ trait Dots {
     }
 
     /// f32 activations of [`TILE_TOKENS`] or more tokens against rows `rows` of 4-bit (or widened) matrix
-    /// `m`, through rows dequantized once, where this set has a kernel for it (it then stores the outputs and
-    /// returns true).
+    /// `m`, through rows dequantized once, where this set has a kernel for it: it stores the outputs of tokens
+    /// from the first and returns how many (0: none).
     #[inline(always)]
     fn f32_tiles(
         _m: &AffineMatrix,
         _px: &Prepared,
         _out: &Out,
         _rows: std::ops::Range<usize>,
-    ) -> bool {
-        false
+    ) -> usize {
+        0
     }
 
     /// [`Dots::dot4_f32`] for `N` tokens at once.
@@ -584,7 +611,19 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: (usize, bool, Activations)) ->
             x86::prepare_int8_avx512(x, cols, key.0, key.1, true)
         },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::prepare_avx2(x, cols, key, true) },
+        Isa::Avx512 => {
+            let mut px = unsafe { x86::prepare_avx2(x, cols, key, true) };
+            // f32 activations of enough tokens for the tiles (see `affine_rows`), 4-bit-order rows.
+            if key.1
+                && key.2 == Activations::F32
+                && px.tokens >= LANE_TILE_TOKENS
+                && key.0.is_multiple_of(64)
+            {
+                let tokens = px.tokens / 16 * 16;
+                px.xt = unsafe { x86::transpose_tokens(&px.xf[..tokens * cols], tokens, cols) };
+            }
+            px
+        }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { x86::prepare_avx2(x, cols, key, false) },
         _ => Prepared::new(x, cols, key, false),
@@ -648,13 +687,22 @@ fn bf16_pass<K: Dots, const N: usize>(
 /// (two threads): at 8 and 10 tokens the register kernel is 8–15 % faster, at 12 the tiles are 2–4 % faster.
 const TILE_TOKENS: usize = 12;
 
+/// f32 tokens per call from which the AVX-512 tiles put sixteen tokens in each register (their whole sixteens;
+/// the register kernels take the rest) instead of summing the lanes of four-by-four blocks. Measured with two
+/// threads on sixteen 768×2048 and 2048×768 matrices: at 16 and 32 tokens the lanes were 10–20 % slower, at
+/// 48 3–7 % faster; at 64 tokens 1–8 % faster there and 8–17 % on one 2048×2048, 4096×2048 or 2048×4096.
+#[cfg(target_arch = "x86_64")]
+const LANE_TILE_TOKENS: usize = 48;
+
 #[inline(always)]
 fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r1: usize) {
-    if m.bits <= 4
-        && px.xq.is_empty()
-        && px.tokens >= TILE_TOKENS
-        && K::f32_tiles(m, px, out, r0..r1)
-    {
+    // The tiles may leave tokens from `first` on (past their whole sixteens) to the register kernels below.
+    let first = if m.bits <= 4 && px.xq.is_empty() && px.tokens >= TILE_TOKENS {
+        K::f32_tiles(m, px, out, r0..r1)
+    } else {
+        0
+    };
+    if first == px.tokens {
         return;
     }
     // The loop runs here, not in a `with` closure: closures do not inherit `target_feature`.
@@ -701,13 +749,14 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     // Several tokens per pass over a 4-bit row (prefill, batched decode), in balanced blocks of at most
     // eight (int8) or six (f32), so no token runs alone. Blocks outside, rows inside: a block's
     // activations stay in L1 while the task's rows (tens of KB) come again from L2 for each block.
-    let multi = nibbles && px.tokens >= 2;
+    let left = px.tokens - first;
+    let multi = nibbles && left >= 2;
     // Eight int8 tokens fit the registers. f32 tokens take 8 KB of L1 per 2048 columns: six of them (four
     // and eight measured ~10 % slower on a 4096 × 2048 matrix, 64 tokens).
     let width = if px.xq.is_empty() { 6 } else { 8 };
-    let blocks = if multi { px.tokens.div_ceil(width) } else { 1 };
+    let blocks = if multi { left.div_ceil(width) } else { 1 };
     for b in 0..blocks {
-        let (t0, t1) = (px.tokens * b / blocks, px.tokens * (b + 1) / blocks);
+        let (t0, t1) = (first + left * b / blocks, first + left * (b + 1) / blocks);
         if multi && K::rows_xn(m, px, out, r..r1, t0..t1) {
             continue;
         }
@@ -797,6 +846,7 @@ fn store(out: &Out, rows: usize, r: usize, t: usize, v: f32) {
 }
 
 /// Adds `v` to output `(t, r)`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 fn add(out: &Out, rows: usize, r: usize, t: usize, v: f32) {
     let i = t * rows + r;
@@ -897,11 +947,12 @@ mod tests {
     #[test]
     fn every_isa_matches_the_reference_for_every_width_and_group() {
         // 600 rows × 384 columns crosses the parallel threshold for the wider formats; one token takes the
-        // four-rows-per-pass path (37 rows leave a tail of one); eleven f32 tokens take blocks of 5 and 6;
-        // fifteen f32 tokens on AVX-512 take the dequantized tiles (blocks of 4, 4, 4 and 3 tokens; 37 rows
-        // leave partial tiles and row blocks).
+        // four-rows-per-pass path (37 rows leave a tail of one); eleven f32 tokens take blocks of 5 and 6,
+        // fifteen int8 tokens blocks of 7 and 8. On AVX-512, 15 and 21 f32 tokens take the four-by-four tiles
+        // (15: blocks of 4, 4, 4 and 3), 50 the tiles with tokens in lanes for a block of 32 and one of 16 and
+        // the register kernel for the last 2 (37 rows leave partial tiles and row blocks).
         let cols = 384;
-        for (t, bits) in [1, 6, 11, 15]
+        for (t, bits) in [1, 6, 11, 15, 21, 50]
             .into_iter()
             .flat_map(|t| crate::config::SUPPORTED_BITS.map(|b| (t, b)))
         {
@@ -939,8 +990,9 @@ mod tests {
     #[test]
     fn wide_rows_in_column_spans_match_the_reference() {
         // 4608 columns: the f32 several-token kernel runs them in spans of 2048 (and a partial one), the
-        // dequantized tiles of twelve or more tokens in spans of 512, adding each span's sums to the last; 2- and
-        // 3-bit rows are widened again for each span.
+        // four-by-four tiles (12 to 47 tokens) in spans of 512, adding each span's sums to the last, the tiles
+        // with tokens in lanes (48 or more) in spans of 128, each continuing the last's sums; 2- and 3-bit rows
+        // are widened again for each span.
         let cols = 4608;
         for (t, bits, group) in [
             (6, 4, 64),
@@ -948,6 +1000,8 @@ mod tests {
             (5, 3, 64),
             (2, 2, 128),
             (13, 3, 64),
+            (50, 4, 128),
+            (49, 3, 64),
         ] {
             let x = activations(t * cols);
             let m = with_scale_type(&matrix(37, cols, bits, group, 9), ScaleType::Bf16);

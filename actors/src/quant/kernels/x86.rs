@@ -132,16 +132,27 @@ impl Dots for Avx512 {
         }
     }
     #[inline(always)]
-    fn f32_tiles(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops::Range<usize>) -> bool {
+    fn f32_tiles(
+        m: &AffineMatrix,
+        px: &Prepared,
+        out: &Out,
+        rows: std::ops::Range<usize>,
+    ) -> usize {
         // SAFETY: this set is only used where AVX-512 exists; f32 activations of 4-bit-order rows.
         unsafe {
-            match m.group {
-                64 => f32_tiles::<1>(m, px, out, rows),
-                128 => f32_tiles::<2>(m, px, out, rows),
-                _ => return false,
+            match (m.group, px.tiled() > 0) {
+                (64, true) => f32_tiles::<1>(m, px, out, rows),
+                (128, true) => f32_tiles::<2>(m, px, out, rows),
+                (64, false) => f32_dot_tiles::<1>(m, px, out, rows),
+                (128, false) => f32_dot_tiles::<2>(m, px, out, rows),
+                _ => return 0,
             }
         }
-        true
+        if px.tiled() > 0 {
+            px.tiled()
+        } else {
+            px.tokens
+        }
     }
     #[inline(always)]
     fn dot4_f32_xn<const N: usize>(
@@ -203,6 +214,76 @@ pub(super) unsafe fn prepare_avx2(
     units: bool,
 ) -> Prepared {
     Prepared::new(x, cols, key, units)
+}
+
+/// [`Prepared::xt`] from the permuted f32 activations `xf` (`[tokens, cols]`, both multiples of 16), sixteen
+/// tokens by sixteen columns at a time.
+///
+/// # Safety
+/// Needs AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn transpose_tokens(xf: &[f32], tokens: usize, cols: usize) -> Aligned<f32> {
+    assert!(cols.is_multiple_of(16) && tokens.is_multiple_of(16) && xf.len() == tokens * cols);
+    let mut xt = Aligned::<f32>::zeroed(xf.len());
+    for t0 in (0..tokens).step_by(16) {
+        // The token block these sixteen tokens are in (see `Prepared::xt_block`) and where in its rows.
+        let b0 = t0 / super::XT_BLOCK * super::XT_BLOCK;
+        let width = (tokens - b0).min(super::XT_BLOCK);
+        let dst = xt[b0 * cols..][..width * cols].as_mut_ptr();
+        for c0 in (0..cols).step_by(16) {
+            // SAFETY: tokens `t0..t0 + 16` exist and `c0 + 16 <= cols`.
+            let rows: [__m512; 16] = std::array::from_fn(|i| unsafe {
+                _mm512_loadu_ps(xf.as_ptr().add((t0 + i) * cols + c0))
+            });
+            for (j, v) in transpose16(rows).into_iter().enumerate() {
+                // SAFETY: column `c0 + j` of the block, its tokens `t0 - b0 .. + 16 <= width`.
+                unsafe { _mm512_storeu_ps(dst.add((c0 + j) * width + t0 - b0), v) };
+            }
+        }
+    }
+    xt
+}
+
+/// The 16 × 16 transpose: element `j` of result `i` is element `i` of `r[j]`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    // Per 128-bit lane L: t[2i] = rows 2i, 2i+1 at columns 4L, 4L+1; t[2i+1] the same at 4L+2, 4L+3.
+    let t: [__m512; 16] = std::array::from_fn(|k| {
+        let (a, b) = (r[k & !1], r[k | 1]);
+        if k % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    // u[4i + j], lane L: rows 4i..4i+3 at column 4L + j.
+    let u: [__m512; 16] = std::array::from_fn(|k| {
+        let (i, j) = (k / 4, k % 4);
+        let (x, y) = (
+            _mm512_castps_pd(t[4 * i + j / 2]),
+            _mm512_castps_pd(t[4 * i + j / 2 + 2]),
+        );
+        _mm512_castpd_ps(if j % 2 == 0 {
+            _mm512_unpacklo_pd(x, y)
+        } else {
+            _mm512_unpackhi_pd(x, y)
+        })
+    });
+    // Column 4L + j: lane L of u[j], u[4 + j], u[8 + j], u[12 + j].
+    let mut out = [_mm512_setzero_ps(); 16];
+    for j in 0..4 {
+        let (a, b, c, d) = (u[j], u[4 + j], u[8 + j], u[12 + j]);
+        let p = _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b);
+        let q = _mm512_shuffle_f32x4::<0b01_00_01_00>(c, d);
+        let r = _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b);
+        let s = _mm512_shuffle_f32x4::<0b11_10_11_10>(c, d);
+        out[j] = _mm512_shuffle_f32x4::<0b10_00_10_00>(p, q);
+        out[4 + j] = _mm512_shuffle_f32x4::<0b11_01_11_01>(p, q);
+        out[8 + j] = _mm512_shuffle_f32x4::<0b10_00_10_00>(r, s);
+        out[12 + j] = _mm512_shuffle_f32x4::<0b11_01_11_01>(r, s);
+    }
+    out
 }
 
 /// [`Prepared::new`] for int8 activations in groups of a multiple of 64: each 64-value chunk is permuted
@@ -296,6 +377,7 @@ pub(super) unsafe fn prepare_int8_avx512(
         units,
         dx,
         xsum,
+        xt: Aligned::zeroed(0),
     }
 }
 
@@ -1420,23 +1502,97 @@ unsafe fn f32_rows<const CHUNKS: usize, const N: usize>(
     }
 }
 
-/// Columns per dequantized tile in [`f32_tiles`]: the tile (32 KB) and four tokens' activations (8 KB) share
-/// L1 (1024 columns × 8 rows measured the same at 64 tokens).
-const TILE_SPAN: usize = 512;
-/// Rows dequantized together in [`f32_tiles`].
-const TILE_ROWS: usize = 16;
+/// Columns per dequantized tile in [`f32_tiles`]: the tile (14 rows, 7 KB) and a span of 32 tokens'
+/// transposed activations (16 KB) share L1. Spans of 256 and 512 measured 4 % and 10 % slower (2048 × 2048,
+/// 64 tokens, one thread): the activations streaming past evicted the tile before it was written again.
+const TILE_SPAN: usize = 128;
+/// Rows dequantized together in [`f32_tiles`]: against a block of 32 tokens (two registers) they take 28 of
+/// the 32 vector registers as accumulators.
+const TILE_ROWS: usize = 14;
+/// Columns and rows of [`f32_dot_tiles`]' tiles (32 KB; its four tokens' activations take 8 KB).
+const DOT_TILE_SPAN: usize = 512;
+const DOT_TILE_ROWS: usize = 16;
 
 thread_local! {
-    /// Per-thread tile of [`f32_tiles`]: `TILE_ROWS` dequantized rows of one span.
-    static TILE: std::cell::Cell<Option<Aligned<f32>>> = const { std::cell::Cell::new(None) };
+    /// Per-thread buffers of the tiles: the dequantized rows of one span, and [`f32_tiles`]' sums so far
+    /// (`[TILE_ROWS, tokens]`).
+    static TILE: std::cell::Cell<(Option<Aligned<f32>>, Vec<f32>)> = const { std::cell::Cell::new((None, Vec::new())) };
 }
 
-/// f32 activations of many tokens (a prefill's dense matrices) against rows `rows` (4-bit, or 2/3-bit
-/// widened to 4 bits), groups of `64 · CHUNKS`. Each span of `TILE_ROWS` rows is dequantized once (`s·q + b`,
-/// in the activations' permuted order) into a per-thread tile; then blocks of four tokens meet blocks of four
-/// rows with sixteen FMA chains and no unpacking, which at many tokens leaves the FMAs most of the issue
-/// slots. A row's sums go in the same order wherever it sits in a block ([`lane_sums16`]); the blocks past
-/// the last row or token repeat it and are not stored.
+/// The per-thread tile, at least `len` values on a 64-byte boundary (the tiles are read and written 64 bytes
+/// at a time), and the sums buffer.
+fn take_tile(len: usize) -> (Aligned<f32>, Vec<f32>) {
+    match TILE.with(|c| c.take()) {
+        (Some(t), sums) if t.len() >= len => (t, sums),
+        (_, sums) => (Aligned::zeroed(len), sums),
+    }
+}
+
+/// Rows `rows` of `m` (4-bit, or 2/3-bit widened to 4 bits, groups of `64 · CHUNKS`), groups `g0..g1`, as f32
+/// weights `s·q + b` in the activations' permuted order: row `r` at `tile[(r - rows.start) · stride..]`.
+/// Each row's next span is prefetched: it is read after all the tokens met this one, and rows a row apart
+/// are not a stream the hardware follows.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn dequantize_tile<const CHUNKS: usize>(
+    reader: &mut RowReader,
+    rows: std::ops::Range<usize>,
+    (g0, g1): (usize, usize),
+    tile: &mut [f32],
+    stride: usize,
+) {
+    let m = reader.m;
+    let (group, gpr) = (64 * CHUNKS, m.groups_per_row());
+    let (c0, width) = (g0 * group, (g1 - g0) * group);
+    assert!(g1 - g0 <= 16 && width <= stride && tile.len() >= rows.len() * stride);
+    let lut = codes_lut();
+    for r in rows.clone() {
+        let KernelRow {
+            packed,
+            codes: p,
+            scales: sr,
+            biases: br,
+        } = reader.row_cols(r, c0..c0 + width);
+        _mm_prefetch::<_MM_HINT_T0>(
+            packed
+                .as_ptr()
+                .wrapping_add((c0 + width) * m.bits as usize / 8) as *const i8,
+        );
+        let dst = tile[(r - rows.start) * stride..].as_mut_ptr();
+        // The span's scales and biases (sixteen groups from its first, those past the row masked) as f32,
+        // for the multiplies below to take as broadcast operands.
+        let (mut sc, mut bi) = ([0f32; 16], [0f32; 16]);
+        unsafe {
+            let mask = group_mask(gpr - g0);
+            _mm512_storeu_ps(sc.as_mut_ptr(), scales16(sr, m.scale_type, g0, mask));
+            _mm512_storeu_ps(bi.as_mut_ptr(), scales16(br, m.scale_type, g0, mask));
+        }
+        for g in g0..g1 {
+            // `s·q + b` for each code value q: the permutations give the weights.
+            let (s, b) = (sc[g - g0], bi[g - g0]);
+            let lut_sb = _mm512_fmadd_ps(lut, _mm512_set1_ps(s), _mm512_set1_ps(b));
+            for k in 0..CHUNKS {
+                let j = g * group + 64 * k;
+                for h in 0..2 {
+                    // SAFETY: `j - c0 + 64 <= width <= stride`: inside the row's place in the tile.
+                    unsafe {
+                        let (lo, hi) = nibble_values16(p.add(j / 2 + 16 * h), lut_sb);
+                        let d = dst.add(j - c0 + 16 * h);
+                        _mm512_storeu_ps(d, lo);
+                        _mm512_storeu_ps(d.add(32), hi);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// f32 activations of many tokens (a prefill's dense matrices, [`Prepared::xt`]'s whole sixteens) against rows
+/// `rows` (4-bit, or 2/3-bit widened to 4 bits), groups of `64 · CHUNKS`. Each span of `TILE_ROWS` rows is
+/// dequantized once into a per-thread tile; then, column by column, each row's weight is broadcast and
+/// meets sixteen tokens per register of the transposed activations: FMAs only, no horizontal sums. Each
+/// output is one sum in column order, whichever block its row and token are in. Rows past the task's last
+/// one in a tile hold stale values and are not stored.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn f32_tiles<const CHUNKS: usize>(
@@ -1445,54 +1601,105 @@ unsafe fn f32_tiles<const CHUNKS: usize>(
     out: &Out,
     rows: std::ops::Range<usize>,
 ) {
-    let (group, gpr, tokens) = (64 * CHUNKS, m.groups_per_row(), px.tokens);
-    // At most sixteen groups per span: one load of scales and biases each.
+    let (group, gpr) = (64 * CHUNKS, m.groups_per_row());
     let span = (TILE_SPAN / group).clamp(1, 16);
     let mut reader = RowReader::new(m, false);
-    let len = TILE_ROWS * span * group;
-    let mut tile = match TILE.with(|c| c.take()) {
-        Some(t) if t.len() == len => t,
-        _ => Aligned::zeroed(len),
-    };
-    let lut = codes_lut();
+    // Rows `TILE_SPAN` apart: each row's broadcast below is then a constant offset from one pointer.
+    let (mut tile, mut sums) = take_tile(TILE_ROWS * TILE_SPAN);
+    let tokens = px.tiled();
+    sums.resize(TILE_ROWS * tokens, 0.0);
     for r0 in rows.clone().step_by(TILE_ROWS) {
         let r1 = (r0 + TILE_ROWS).min(rows.end);
         for g0 in (0..gpr).step_by(span) {
             let g1 = (g0 + span).min(gpr);
             let (c0, width) = (g0 * group, (g1 - g0) * group);
-            for r in r0..r1 {
-                let KernelRow {
-                    codes: p,
-                    scales: sr,
-                    biases: br,
-                    ..
-                } = reader.row_cols(r, c0..c0 + width);
-                let dst = tile[(r - r0) * width..].as_mut_ptr();
-                // The span's scales and biases (sixteen groups from its first, those past the row masked) as f32,
-                // for the multiplies below to take as broadcast operands.
-                let (mut sc, mut bi) = ([0f32; 16], [0f32; 16]);
+            unsafe {
+                dequantize_tile::<CHUNKS>(&mut reader, r0..r1, (g0, g1), &mut tile, TILE_SPAN)
+            };
+            for b in 0..tokens.div_ceil(super::XT_BLOCK) {
+                let (t0, tw, xt) = px.xt_block(b);
+                let (x, s) = (xt[c0 * tw..].as_ptr(), sums[t0..].as_mut_ptr());
                 unsafe {
-                    let mask = group_mask(gpr - g0);
-                    _mm512_storeu_ps(sc.as_mut_ptr(), scales16(sr, m.scale_type, g0, mask));
-                    _mm512_storeu_ps(bi.as_mut_ptr(), scales16(br, m.scale_type, g0, mask));
-                }
-                for g in g0..g1 {
-                    // `s·q + b` for each code value q: the permutations give the weights.
-                    let (s, b) = (sc[g - g0], bi[g - g0]);
-                    let lut_sb = _mm512_fmadd_ps(lut, _mm512_set1_ps(s), _mm512_set1_ps(b));
-                    for k in 0..CHUNKS {
-                        let j = g * group + 64 * k;
-                        for h in 0..2 {
-                            unsafe {
-                                let (lo, hi) = nibble_values16(p.add(j / 2 + 16 * h), lut_sb);
-                                let d = dst.add(j - c0 + 16 * h);
-                                _mm512_storeu_ps(d, lo);
-                                _mm512_storeu_ps(d.add(32), hi);
-                            }
-                        }
+                    match tw {
+                        32 => tile_block::<2>(&tile, width, x, s, tokens, g0 == 0),
+                        _ => tile_block::<1>(&tile, width, x, s, tokens, g0 == 0),
                     }
                 }
             }
+        }
+        // Token by token: each token's rows are adjacent in `out`.
+        for t in 0..tokens {
+            for r in r0..r1 {
+                super::store(out, m.rows, r, t, sums[(r - r0) * tokens + t]);
+            }
+        }
+    }
+    TILE.with(|c| c.set((Some(tile), sums)));
+}
+
+/// `TILE_ROWS` rows of `tile` (`TILE_SPAN` apart, `width` columns used) against `16 · V` tokens of transposed activations `x`
+/// (`[width, 16 · V]`): `sums[r · sw + t]` (started from 0 when `first`) plus each column in order.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn tile_block<const V: usize>(
+    tile: &[f32],
+    width: usize,
+    x: *const f32,
+    sums: *mut f32,
+    sw: usize,
+    first: bool,
+) {
+    debug_assert!(width <= TILE_SPAN && tile.len() >= TILE_ROWS * TILE_SPAN);
+    let mut acc = [[_mm512_setzero_ps(); V]; TILE_ROWS];
+    if !first {
+        for (r, a) in acc.iter_mut().enumerate() {
+            for (v, a) in a.iter_mut().enumerate() {
+                *a = unsafe { _mm512_loadu_ps(sums.add(r * sw + 16 * v)) };
+            }
+        }
+    }
+    for c in 0..width {
+        let xv: [__m512; V] =
+            std::array::from_fn(|v| unsafe { _mm512_loadu_ps(x.add(c * 16 * V + 16 * v)) });
+        for (r, a) in acc.iter_mut().enumerate() {
+            // SAFETY: `r < TILE_ROWS` and `c < width <= TILE_SPAN`.
+            let w = _mm512_set1_ps(unsafe { *tile.as_ptr().add(r * TILE_SPAN + c) });
+            for (a, x) in a.iter_mut().zip(&xv) {
+                *a = _mm512_fmadd_ps(w, *x, *a);
+            }
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        for (v, a) in a.iter().enumerate() {
+            unsafe { _mm512_storeu_ps(sums.add(r * sw + 16 * v), *a) };
+        }
+    }
+}
+
+/// [`f32_tiles`] for fewer tokens (see `LANE_TILE_TOKENS`): f32 activations against rows `rows` (4-bit, or
+/// 2/3-bit widened to 4 bits), groups of `64 · CHUNKS`. Each span of `DOT_TILE_ROWS` rows is dequantized once
+/// into a per-thread tile; then blocks of four tokens meet blocks of four rows with sixteen FMA chains and no
+/// unpacking, and each row-token pair's sixteen lanes are summed per span. A row's sums go in the same order wherever it sits in a block ([`lane_sums16`]); the blocks past
+/// the last row or token repeat it and are not stored.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn f32_dot_tiles<const CHUNKS: usize>(
+    m: &AffineMatrix,
+    px: &Prepared,
+    out: &Out,
+    rows: std::ops::Range<usize>,
+) {
+    let (group, gpr, tokens) = (64 * CHUNKS, m.groups_per_row(), px.tokens);
+    // At most sixteen groups per span: one load of scales and biases each.
+    let span = (DOT_TILE_SPAN / group).clamp(1, 16);
+    let mut reader = RowReader::new(m, false);
+    let (mut tile, kept) = take_tile(DOT_TILE_ROWS * span * group);
+    for r0 in rows.clone().step_by(DOT_TILE_ROWS) {
+        let r1 = (r0 + DOT_TILE_ROWS).min(rows.end);
+        for g0 in (0..gpr).step_by(span) {
+            let g1 = (g0 + span).min(gpr);
+            let (c0, width) = (g0 * group, (g1 - g0) * group);
+            unsafe { dequantize_tile::<CHUNKS>(&mut reader, r0..r1, (g0, g1), &mut tile, width) };
             for t0 in (0..tokens).step_by(4) {
                 let mut x = [std::ptr::null::<f32>(); 4];
                 for (t, x) in x.iter_mut().enumerate() {
@@ -1533,7 +1740,7 @@ unsafe fn f32_tiles<const CHUNKS: usize>(
             }
         }
     }
-    TILE.with(|c| c.set(Some(tile)));
+    TILE.with(|c| c.set((Some(tile), kept)));
 }
 
 // ---- four rows per pass (one token) ----
@@ -1731,6 +1938,32 @@ unsafe fn dot4_f32_avx512_xn_g32<const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Token `t`, column `c` lands in column `c` of its block of 32 tokens (16 when 16 are left), at the
+    /// token's place in the block.
+    #[test]
+    fn transposed_tokens_go_in_blocks_of_32_then_16() {
+        if !has_avx512() {
+            return;
+        }
+        let cols = 48;
+        for tokens in [16, 32, 48, 64] {
+            let xf: Vec<f32> = (0..tokens * cols).map(|i| i as f32).collect();
+            let xt = unsafe { transpose_tokens(&xf, tokens, cols) };
+            assert_eq!(xt.len(), xf.len());
+            for t in 0..tokens {
+                let b0 = t / 32 * 32;
+                let width = if tokens - b0 > 16 { 32 } else { 16 };
+                for c in 0..cols {
+                    assert_eq!(
+                        xt[b0 * cols + c * width + t - b0],
+                        xf[t * cols + c],
+                        "{tokens} tokens"
+                    );
+                }
+            }
+        }
+    }
 
     /// Each vector's sum lands in its own element, is the same wherever the vector sits, and is its lanes' sum.
     #[test]
