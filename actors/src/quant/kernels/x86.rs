@@ -1637,8 +1637,9 @@ unsafe fn f32_tiles<const CHUNKS: usize>(
     TILE.with(|c| c.set((Some(tile), sums)));
 }
 
-/// `TILE_ROWS` rows of `tile` (`TILE_SPAN` apart, `width` columns used) against `16 · V` tokens of transposed activations `x`
-/// (`[width, 16 · V]`): `sums[r · sw + t]` (started from 0 when `first`) plus each column in order.
+/// `TILE_ROWS` rows of `tile` (`TILE_SPAN` apart, `width` columns used) against `16 · V` tokens of transposed
+/// activations `x` (`[width, 16 · V]`): `sums[r · sw + t]` (started from 0 when `first`) plus each column in
+/// order.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn tile_block<const V: usize>(
@@ -1676,11 +1677,12 @@ unsafe fn tile_block<const V: usize>(
     }
 }
 
-/// [`f32_tiles`] for fewer tokens (see `LANE_TILE_TOKENS`): f32 activations against rows `rows` (4-bit, or
+/// [`f32_tiles`] for fewer tokens (12 to `LANE_TILE_TOKENS`): f32 activations against rows `rows` (4-bit, or
 /// 2/3-bit widened to 4 bits), groups of `64 · CHUNKS`. Each span of `DOT_TILE_ROWS` rows is dequantized once
 /// into a per-thread tile; then blocks of four tokens meet blocks of four rows with sixteen FMA chains and no
-/// unpacking, and each row-token pair's sixteen lanes are summed per span. A row's sums go in the same order wherever it sits in a block ([`lane_sums16`]); the blocks past
-/// the last row or token repeat it and are not stored.
+/// unpacking, and each row-token pair's sixteen lanes are summed per span. A row's sums go in the same order
+/// wherever it sits in a block ([`lane_sums16`]); the blocks past the last row or token repeat it and are not
+/// stored.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn f32_dot_tiles<const CHUNKS: usize>(
