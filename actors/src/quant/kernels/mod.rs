@@ -751,9 +751,14 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     // activations stay in L1 while the task's rows (tens of KB) come again from L2 for each block.
     let left = px.tokens - first;
     let multi = nibbles && left >= 2;
-    // Eight int8 tokens fit the registers. f32 tokens take 8 KB of L1 per 2048 columns: six of them (four
-    // and eight measured ~10 % slower on a 4096 × 2048 matrix, 64 tokens).
-    let width = if px.xq.is_empty() { 6 } else { 8 };
+    // Eight int8 tokens fit the registers. f32 tokens take 4 bytes of L1 per column each: eight of them on
+    // rows of up to 1024 columns (2048×768 experts, 7 and 8 tokens, two threads: 13–15 % faster than two
+    // blocks), six on wider rows (768×2048: eight in one block were ~20 % slower).
+    let width = if px.xq.is_empty() && m.cols > 1024 {
+        6
+    } else {
+        8
+    };
     let blocks = if multi { left.div_ceil(width) } else { 1 };
     for b in 0..blocks {
         let (t0, t1) = (first + left * b / blocks, first + left * (b + 1) / blocks);
@@ -947,12 +952,12 @@ mod tests {
     #[test]
     fn every_isa_matches_the_reference_for_every_width_and_group() {
         // 600 rows × 384 columns crosses the parallel threshold for the wider formats; one token takes the
-        // four-rows-per-pass path (37 rows leave a tail of one); eleven f32 tokens take blocks of 5 and 6,
-        // fifteen int8 tokens blocks of 7 and 8. On AVX-512, 15 and 21 f32 tokens take the four-by-four tiles
+        // four-rows-per-pass path (37 rows leave a tail of one); seven and eight tokens one block, eleven
+        // blocks of 5 and 6, fifteen int8 tokens blocks of 7 and 8. On AVX-512, 15 and 21 f32 tokens take the four-by-four tiles
         // (15: blocks of 4, 4, 4 and 3), 50 the tiles with tokens in lanes for a block of 32 and one of 16 and
         // the register kernel for the last 2 (37 rows leave partial tiles and row blocks).
         let cols = 384;
-        for (t, bits) in [1, 6, 11, 15, 21, 50]
+        for (t, bits) in [1, 6, 7, 8, 11, 15, 21, 50]
             .into_iter()
             .flat_map(|t| crate::config::SUPPORTED_BITS.map(|b| (t, b)))
         {

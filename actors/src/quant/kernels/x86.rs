@@ -1386,7 +1386,7 @@ fn lane_pairs(x: __m512, y: __m512) -> __m512 {
 #[repr(align(64))]
 struct Aligned16([f32; 16]);
 
-/// [`f32_rows`] for a block of 2 to 6 tokens (see `affine_rows`); false for other counts.
+/// [`f32_rows`] for a block of 2 to 8 tokens (see `affine_rows`); false for other counts.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn f32_rows_n<const CHUNKS: usize>(
@@ -1404,6 +1404,8 @@ unsafe fn f32_rows_n<const CHUNKS: usize>(
             4 => f32_rows::<CHUNKS, 4>(m, px, out, rows, t0),
             5 => f32_rows::<CHUNKS, 5>(m, px, out, rows, t0),
             6 => f32_rows::<CHUNKS, 6>(m, px, out, rows, t0),
+            7 => f32_rows::<CHUNKS, 7>(m, px, out, rows, t0),
+            8 => f32_rows::<CHUNKS, 8>(m, px, out, rows, t0),
             _ => return false,
         }
     }
