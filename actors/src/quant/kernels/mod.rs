@@ -12,8 +12,9 @@
 //!   byte per code.
 //!
 //! - **Twelve or more f32 tokens** on AVX-512 (a prefill's dense matrices, its busiest experts): rows are
-//!   dequantized once into a per-thread tile and met by blocks of four tokens with plain FMAs
-//!   ([`Dots::f32_tiles`]), instead of being unpacked again for every block of tokens.
+//!   dequantized once into a per-thread tile ([`Dots::f32_tiles`]) instead of being unpacked again for every
+//!   block of tokens; blocks of four tokens meet it with plain FMAs, and from 48 tokens sixteen tokens per
+//!   register of activations transposed once per call ([`Prepared::xt`]).
 //!
 //! Two activation paths:
 //! - **f32**: codes × f32 activations, exact up to summation order;
@@ -747,7 +748,7 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
         }
     }
     // Several tokens per pass over a 4-bit row (prefill, batched decode), in balanced blocks of at most
-    // eight (int8) or six (f32), so no token runs alone. Blocks outside, rows inside: a block's
+    // eight or six (`width` below), so no token runs alone. Blocks outside, rows inside: a block's
     // activations stay in L1 while the task's rows (tens of KB) come again from L2 for each block.
     let left = px.tokens - first;
     let multi = nibbles && left >= 2;
@@ -953,9 +954,9 @@ mod tests {
     fn every_isa_matches_the_reference_for_every_width_and_group() {
         // 600 rows × 384 columns crosses the parallel threshold for the wider formats; one token takes the
         // four-rows-per-pass path (37 rows leave a tail of one); seven and eight tokens one block, eleven
-        // blocks of 5 and 6, fifteen int8 tokens blocks of 7 and 8. On AVX-512, 15 and 21 f32 tokens take the four-by-four tiles
-        // (15: blocks of 4, 4, 4 and 3), 50 the tiles with tokens in lanes for a block of 32 and one of 16 and
-        // the register kernel for the last 2 (37 rows leave partial tiles and row blocks).
+        // blocks of 5 and 6, fifteen int8 tokens blocks of 7 and 8. On AVX-512, 15 and 21 f32 tokens take the
+        // four-by-four tiles (15: blocks of 4, 4, 4 and 3), 50 the tiles with tokens in lanes for a block of 32
+        // and one of 16 and the register kernel for the last 2 (37 rows leave partial tiles and row blocks).
         let cols = 384;
         for (t, bits) in [1, 6, 7, 8, 11, 15, 21, 50]
             .into_iter()
