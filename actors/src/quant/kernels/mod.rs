@@ -614,11 +614,12 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: (usize, bool, Activations)) ->
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
             let mut px = unsafe { x86::prepare_avx2(x, cols, key, true) };
-            // f32 activations of enough tokens for the tiles (see `affine_rows`), 4-bit-order rows.
+            // f32 activations of enough tokens for the tiles (see `affine_rows`), 4-bit-order rows in the
+            // groups the tiles take.
             if key.1
                 && key.2 == Activations::F32
                 && px.tokens >= LANE_TILE_TOKENS
-                && key.0.is_multiple_of(64)
+                && matches!(key.0, 64 | 128)
             {
                 let tokens = px.tokens / 16 * 16;
                 px.xt = unsafe { x86::transpose_tokens(&px.xf[..tokens * cols], tokens, cols) };
