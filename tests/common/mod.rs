@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use engine::model::Model;
+use engine::model::cache::SequenceCache;
 use engine::weights::Weights;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -89,13 +90,7 @@ pub fn for_reference_rows(
             .into_iter()
             .zip(case["decode_logits"].as_array().unwrap());
         for (step, (id, row)) in steps.enumerate() {
-            let got: Vec<f32> = model
-                .logits(&[id], &mut cache, false)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let got = next_logits(model, id, &mut cache);
             worst = worst.max(check(
                 &got,
                 &floats(row),
@@ -104,6 +99,17 @@ pub fn for_reference_rows(
         }
     }
     worst
+}
+
+/// The logits after feeding `id` through `cache` (one decode step).
+pub fn next_logits(model: &Model, id: u32, cache: &mut SequenceCache) -> Vec<f32> {
+    model
+        .logits(&[id], cache, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released: a small race with other tests is accepted).
