@@ -138,6 +138,11 @@ impl Dots for Avx512 {
         out: &Out,
         rows: std::ops::Range<usize>,
     ) -> usize {
+        if !px.xb.is_empty() {
+            // SAFETY: `xb` is only prepared where AMX is available (`Isa::Amx`), for groups of 64 or 128.
+            unsafe { super::amx::f32_rows(m, px, out, rows) };
+            return px.tokens;
+        }
         // SAFETY: this set is only used where AVX-512 exists; f32 activations of 4-bit-order rows.
         unsafe {
             match (m.group, px.tiled() > 0) {
@@ -247,7 +252,7 @@ pub(super) unsafe fn transpose_tokens(xf: &[f32], tokens: usize, cols: usize) ->
 /// The 16 × 16 transpose: element `j` of result `i` is element `i` of `r[j]`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+pub(super) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
     // Per 128-bit lane L: t[2i] = rows 2i, 2i+1 at columns 4L, 4L+1; t[2i+1] the same at 4L+2, 4L+3.
     let t: [__m512; 16] = std::array::from_fn(|k| {
         let (a, b) = (r[k & !1], r[k | 1]);
@@ -378,6 +383,7 @@ pub(super) unsafe fn prepare_int8_avx512(
         dx,
         xsum,
         xt: Aligned::zeroed(0),
+        xb: Aligned::zeroed(0),
     }
 }
 
@@ -386,6 +392,11 @@ pub(super) unsafe fn prepare_int8_avx512(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 pub(super) unsafe fn run_rows_avx512(w: Weight, px: &Prepared, out: &Out, r0: usize, r1: usize) {
     rows::<Avx512>(w, px, out, r0, r1)
+}
+
+/// A 2- or 3-bit row widened to 4 bits (the f32 kernels' form) at the start of `out`; returns its length.
+pub(super) fn widen_nibbles(packed: &[u8], bits: u32, out: &mut [u8]) -> usize {
+    Avx512::widen(packed, bits, 64, false, out)
 }
 
 pub fn has_avx2() -> bool {
