@@ -1,5 +1,5 @@
-//! AMX tiles for f32 activations of two or more tokens against 4-bit rows (2- and 3-bit rows widened to 4
-//! bits) in groups of 64 or 128: x86-64 with AMX-TILE and AMX-BF16 (Sapphire Rapids and later), on Linux,
+//! AMX tiles for f32 activations of several tokens (`AMX_TOKENS` or more) against 4-bit rows (2- and 3-bit
+//! rows widened to 4 bits) in groups of 64 or 128: x86-64 with AMX-TILE and AMX-BF16 (Sapphire Rapids and later), on Linux,
 //! where the process asks the kernel for the tile state once.
 //!
 //! `tdpbf16ps` multiplies pairs of bf16 values and adds the products into f32 sums. The codes 0..15 are
@@ -73,8 +73,8 @@ struct TileConfig {
     rows: [u8; 16],
 }
 
-/// Tiles 0 and 1: `A` (low and high nibbles); 2 and 3, or 6 and 7: `B` (the same); 4 or 5: `C`, alternately.
-/// Each 16 rows of 64 bytes.
+/// Tiles 0 and 1, or 6 and 7 (alternately): `A` (low and high nibbles); 2 and 3: `B` (the same); 4 or 5
+/// (alternately): `C`. Each 16 rows of 64 bytes.
 static CONFIG: TileConfig = TileConfig {
     palette: 1,
     start_row: 0,
@@ -281,6 +281,10 @@ thread_local! {
     static SCRATCH: std::cell::Cell<Option<Scratch>> = const { std::cell::Cell::new(None) };
 }
 
+/// `B` tile blocks per group of tokens (65 tokens): longer prompts go through the rows again for each group, so
+/// a chunk's `B` tiles (26 KB) stay near while a pass's row blocks meet them.
+const GROUP_BLOCKS: usize = 13;
+
 /// Sums per thread, at most, that a pass over rows keeps (16 rows × 16 columns per row block and `B` tile
 /// block): the rows of a pass are as many blocks as fit, so the sums stay in L1 while the chunks go by.
 const SUMS_PER_PASS: usize = 16 * TILE;
@@ -301,8 +305,9 @@ pub(super) unsafe fn f32_rows(
     rows: std::ops::Range<usize>,
 ) {
     let (chunks, gpr, per_group) = (m.cols / 64, m.groups_per_row(), m.group / 64);
-    let (tokens, blocks) = (px.tokens, px.tokens.div_ceil(TOKENS_PER_TILE));
-    debug_assert_eq!(px.xb.len(), blocks * chunks * 2 * TILE);
+    let (tokens, all_blocks) = (px.tokens, px.tokens.div_ceil(TOKENS_PER_TILE));
+    debug_assert_eq!(px.xb.len(), all_blocks * chunks * 2 * TILE);
+    let blocks = all_blocks.min(GROUP_BLOCKS);
     let (half, rb) = (m.cols / 2, m.row_bytes());
     let pass_blocks = (SUMS_PER_PASS / (blocks * TILE)).clamp(1, rows.len().div_ceil(ROWS));
     let pass_rows = pass_blocks * ROWS;
@@ -337,7 +342,12 @@ pub(super) unsafe fn f32_rows(
     let mut codes: Vec<*const u8> = Vec::with_capacity(pass_rows);
     // SAFETY: `available()` (the caller's precondition); the configuration is static.
     unsafe { tile_config(&CONFIG) };
-    for p0 in rows.clone().step_by(pass_rows) {
+    for (tb0, p0) in (0..all_blocks)
+        .step_by(GROUP_BLOCKS)
+        .flat_map(|tb0| rows.clone().step_by(pass_rows).map(move |p0| (tb0, p0)))
+    {
+        // Token blocks `tb0..tb0 + blocks` against rows `p0..p1`.
+        let blocks = (all_blocks - tb0).min(GROUP_BLOCKS);
         let p1 = (p0 + pass_rows).min(rows.end);
         let n = p1 - p0;
         let nb = n.div_ceil(ROWS);
@@ -406,7 +416,7 @@ pub(super) unsafe fn f32_rows(
                     product += 1;
                     // Five tokens or fewer: the chunk's `B` tiles load once for all blocks of the pass.
                     if blocks > 1 || b == 0 {
-                        let bt = px.xb[((t * chunks + c) * 2) * TILE..].as_ptr();
+                        let bt = px.xb[(((tb0 + t) * chunks + c) * 2) * TILE..].as_ptr();
                         tile_load::<2>(bt);
                         tile_load::<3>(bt.add(TILE));
                     }
@@ -449,23 +459,24 @@ pub(super) unsafe fn f32_rows(
                 }
             }
         }
-        finish(m, px, out, &s, p0..p1, (tv, blocks));
+        let t0 = tb0 * TOKENS_PER_TILE;
+        let t1 = (t0 + blocks * TOKENS_PER_TILE).min(tokens);
+        finish(m, out, &s, (p0..p1, t0..t1), (tv, blocks));
     }
     // SAFETY: as above.
     unsafe { tile_release() };
     SCRATCH.with(|c| c.set(Some(s)));
 }
 
-/// Rows `rows` (a pass) to `out`: each token's three parts and its bias term `Σ_g bias_g · Σx_g`, the
-/// latter for sixteen rows and sixteen tokens at a time.
+/// Rows `rows` (a pass) of tokens `tokens` (a group) to `out`: each token's three parts and its bias term
+/// `Σ_g bias_g · Σx_g`, the latter for sixteen rows and sixteen tokens at a time.
 #[inline]
 #[target_feature(enable = "avx512f,fma")]
 fn finish(
     m: &AffineMatrix,
-    px: &Prepared,
     out: &Out,
     s: &Scratch,
-    rows: std::ops::Range<usize>,
+    (rows, tokens): (std::ops::Range<usize>, std::ops::Range<usize>),
     (tv, blocks): (usize, usize),
 ) {
     let gpr = m.groups_per_row();
@@ -473,7 +484,7 @@ fn finish(
         let n = (rows.len() - b * ROWS).min(ROWS);
         // Rows past the pass's last hold stale biases: their sums are not stored.
         let biases = &s.biases[b * ROWS * gpr..(b + 1) * ROWS * gpr];
-        for v in 0..tv {
+        for v in tokens.start / 16..tokens.end.div_ceil(16) {
             let mut acc = [_mm512_setzero_ps(); ROWS];
             for g in 0..gpr {
                 // SAFETY: `(g·tv + v)·16 + 16 <= s.xsum.len()`.
@@ -487,8 +498,9 @@ fn finish(
                 // SAFETY: 16 floats.
                 unsafe { _mm512_storeu_ps(d.as_mut_ptr(), a) };
             }
-            for t in 16 * v..(16 * v + 16).min(px.tokens) {
-                let at = (b * blocks + t / TOKENS_PER_TILE) * TILE + 3 * (t % TOKENS_PER_TILE);
+            for t in (16 * v).max(tokens.start)..(16 * v + 16).min(tokens.end) {
+                let tb = (t - tokens.start) / TOKENS_PER_TILE;
+                let at = (b * blocks + tb) * TILE + 3 * (t % TOKENS_PER_TILE);
                 for (i, bias) in bias.iter().enumerate().take(n) {
                     let p = &s.sums[at + 16 * i..][..3];
                     let r = rows.start + b * ROWS + i;

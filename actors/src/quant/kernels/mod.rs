@@ -1033,7 +1033,7 @@ mod tests {
     #[test]
     fn amx_tiles_are_as_exact_as_f32_sums() {
         // Every bit width the tiles take (2 and 3 widened), both groups, tokens that fill a `B` tile (5), leave
-        // a partial one (6, 7, 17) or many (64); 37 rows leave a partial block of 16. The three bf16 parts make
+        // a partial one (6, 7, 17), many (64) or more than a group of 65 (70); 37 rows leave a partial block of 16. The three bf16 parts make
         // every product exact: the error is f32 summation's, as the AVX-512 f32 kernels'.
         if !Isa::available().contains(&Isa::Amx) {
             eprintln!("no AMX here: skipped");
@@ -1046,6 +1046,7 @@ mod tests {
             (17, 2, 128, 384),
             (64, 4, 64, 2048),
             (5, 4, 64, 4608),
+            (70, 3, 128, 384),
         ] {
             let x = activations(t * cols);
             let m = with_scale_type(&matrix(37, cols, bits, group, 7), ScaleType::Bf16);
