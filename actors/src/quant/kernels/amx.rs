@@ -342,12 +342,7 @@ pub(super) unsafe fn f32_rows(
     let mut codes: Vec<*const u8> = Vec::with_capacity(pass_rows);
     // SAFETY: `available()` (the caller's precondition); the configuration is static.
     unsafe { tile_config(&CONFIG) };
-    for (tb0, p0) in (0..all_blocks)
-        .step_by(GROUP_BLOCKS)
-        .flat_map(|tb0| rows.clone().step_by(pass_rows).map(move |p0| (tb0, p0)))
-    {
-        // Token blocks `tb0..tb0 + blocks` against rows `p0..p1`.
-        let blocks = (all_blocks - tb0).min(GROUP_BLOCKS);
+    for p0 in rows.clone().step_by(pass_rows) {
         let p1 = (p0 + pass_rows).min(rows.end);
         let n = p1 - p0;
         let nb = n.div_ceil(ROWS);
@@ -368,100 +363,104 @@ pub(super) unsafe fn f32_rows(
             4 => m.packed[(p0 + i.min(n - 1)) * rb..].as_ptr(),
             _ => s.widened[i.min(n - 1) * half..].as_ptr(),
         }));
-        s.sums[..nb * blocks * TILE].fill(0.0);
-        let (a, cb, sums) = (s.a.as_mut_ptr(), s.c.as_mut_ptr(), s.sums.as_mut_ptr());
-        // Software pipeline over the items (chunk, block): the `A` tiles of the next item are unpacked while
-        // this one's products run, and each `C` tile is read back one product later, from alternating tiles
-        // and buffers (a tile load right after the vector stores it reads, or vector loads right after the
-        // tile store, wait for those stores to finish).
-        let row_codes = |k: usize| -> (&[*const u8], usize) {
-            let (c, b) = (k / nb, k % nb);
-            (&codes[b * ROWS..(b + 1) * ROWS], c)
-        };
-        let (first, c0) = row_codes(0);
-        // SAFETY: `a` holds two pairs of `A` tiles; rows have bytes `32c..32c + 32` for every chunk.
-        unsafe { unpack(first, c0, a, words) };
-        let (items, mut product) = (chunks * nb, 0usize);
-        // Per `C` buffer, the product waiting to be added: (sums tile, offset of its rows' scales).
-        let mut queue: [Option<(usize, usize)>; 2] = [None, None];
-        for k in 0..items {
-            let (c, b) = (k / nb, k % nb);
-            let g = c / per_group;
-            // SAFETY: the tiles are configured; every tile pointer below is 16 rows of 64 bytes; the
-            // prefetches only hint.
+        // Rows `p0..p1` against token blocks `tb0..tb0 + blocks`, a group at a time.
+        for tb0 in (0..all_blocks).step_by(GROUP_BLOCKS) {
+            let blocks = (all_blocks - tb0).min(GROUP_BLOCKS);
+            s.sums[..nb * blocks * TILE].fill(0.0);
+            let (a, cb, sums) = (s.a.as_mut_ptr(), s.c.as_mut_ptr(), s.sums.as_mut_ptr());
+            // Software pipeline over the items (chunk, block): the `A` tiles of the next item are unpacked while
+            // this one's products run, and each `C` tile is read back one product later, from alternating tiles
+            // and buffers (a tile load right after the vector stores it reads, or vector loads right after the
+            // tile store, wait for those stores to finish).
+            let row_codes = |k: usize| -> (&[*const u8], usize) {
+                let (c, b) = (k / nb, k % nb);
+                (&codes[b * ROWS..(b + 1) * ROWS], c)
+            };
+            let (first, c0) = row_codes(0);
+            // SAFETY: `a` holds two pairs of `A` tiles; rows have bytes `32c..32c + 32` for every chunk.
+            unsafe { unpack(first, c0, a, words) };
+            let (items, mut product) = (chunks * nb, 0usize);
+            // Per `C` buffer, the product waiting to be added: (sums tile, offset of its rows' scales).
+            let mut queue: [Option<(usize, usize)>; 2] = [None, None];
+            for k in 0..items {
+                let (c, b) = (k / nb, k % nb);
+                let g = c / per_group;
+                // SAFETY: the tiles are configured; every tile pointer below is 16 rows of 64 bytes; the
+                // prefetches only hint.
+                unsafe {
+                    let at = a.add((k % 2) * 2 * TILE);
+                    if k % 2 == 0 {
+                        tile_load::<0>(at);
+                        tile_load::<1>(at.add(TILE));
+                    } else {
+                        tile_load::<6>(at);
+                        tile_load::<7>(at.add(TILE));
+                    }
+                    if k + 1 < items {
+                        let (next, cn) = row_codes(k + 1);
+                        unpack(next, cn, a.add(((k + 1) % 2) * 2 * TILE), words);
+                    }
+                    if m.bits == 4 && c % 2 == 0 {
+                        // Four 64-byte lines ahead in each row.
+                        for p in &codes[b * ROWS..(b + 1) * ROWS] {
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(32 * c + 256) as *const i8);
+                        }
+                    }
+                    for t in 0..blocks {
+                        // Product `p` into `C` tile `p % 2`; then `p - 1`'s tile to its buffer; then `p - 2`'s
+                        // buffer into the sums (tile instructions run in order: a store right after its products
+                        // would hold up the next ones).
+                        let p = product;
+                        product += 1;
+                        // Five tokens or fewer: the chunk's `B` tiles load once for all blocks of the pass.
+                        if blocks > 1 || b == 0 {
+                            let bt = px.xb[(((tb0 + t) * chunks + c) * 2) * TILE..].as_ptr();
+                            tile_load::<2>(bt);
+                            tile_load::<3>(bt.add(TILE));
+                        }
+                        match (p % 2, k % 2) {
+                            (0, 0) => {
+                                tile_zero::<4>();
+                                tile_dot::<4, 0, 2>();
+                                tile_dot::<4, 1, 3>();
+                            }
+                            (0, _) => {
+                                tile_zero::<4>();
+                                tile_dot::<4, 6, 2>();
+                                tile_dot::<4, 7, 3>();
+                            }
+                            (_, 0) => {
+                                tile_zero::<5>();
+                                tile_dot::<5, 0, 2>();
+                                tile_dot::<5, 1, 3>();
+                            }
+                            _ => {
+                                tile_zero::<5>();
+                                tile_dot::<5, 6, 2>();
+                                tile_dot::<5, 7, 3>();
+                            }
+                        }
+                        store_tile(cb, p.wrapping_sub(1));
+                        if let Some(e) = queue[p % 2].take() {
+                            scale_into(sums, cb.add((p % 2) * TILE), &s.scales, gpr, e);
+                        }
+                        queue[p % 2] = Some((b * blocks + t, b * ROWS * gpr + g));
+                    }
+                }
+            }
+            // The last two products.
             unsafe {
-                let at = a.add((k % 2) * 2 * TILE);
-                if k % 2 == 0 {
-                    tile_load::<0>(at);
-                    tile_load::<1>(at.add(TILE));
-                } else {
-                    tile_load::<6>(at);
-                    tile_load::<7>(at.add(TILE));
-                }
-                if k + 1 < items {
-                    let (next, cn) = row_codes(k + 1);
-                    unpack(next, cn, a.add(((k + 1) % 2) * 2 * TILE), words);
-                }
-                if m.bits == 4 && c % 2 == 0 {
-                    // Four 64-byte lines ahead in each row.
-                    for p in &codes[b * ROWS..(b + 1) * ROWS] {
-                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(32 * c + 256) as *const i8);
-                    }
-                }
-                for t in 0..blocks {
-                    // Product `p` into `C` tile `p % 2`; then `p - 1`'s tile to its buffer; then `p - 2`'s
-                    // buffer into the sums (tile instructions run in order: a store right after its products
-                    // would hold up the next ones).
-                    let p = product;
-                    product += 1;
-                    // Five tokens or fewer: the chunk's `B` tiles load once for all blocks of the pass.
-                    if blocks > 1 || b == 0 {
-                        let bt = px.xb[(((tb0 + t) * chunks + c) * 2) * TILE..].as_ptr();
-                        tile_load::<2>(bt);
-                        tile_load::<3>(bt.add(TILE));
-                    }
-                    match (p % 2, k % 2) {
-                        (0, 0) => {
-                            tile_zero::<4>();
-                            tile_dot::<4, 0, 2>();
-                            tile_dot::<4, 1, 3>();
-                        }
-                        (0, _) => {
-                            tile_zero::<4>();
-                            tile_dot::<4, 6, 2>();
-                            tile_dot::<4, 7, 3>();
-                        }
-                        (_, 0) => {
-                            tile_zero::<5>();
-                            tile_dot::<5, 0, 2>();
-                            tile_dot::<5, 1, 3>();
-                        }
-                        _ => {
-                            tile_zero::<5>();
-                            tile_dot::<5, 6, 2>();
-                            tile_dot::<5, 7, 3>();
-                        }
-                    }
-                    store_tile(cb, p.wrapping_sub(1));
+                store_tile(cb, product.wrapping_sub(1));
+                for p in [product, product + 1] {
                     if let Some(e) = queue[p % 2].take() {
                         scale_into(sums, cb.add((p % 2) * TILE), &s.scales, gpr, e);
                     }
-                    queue[p % 2] = Some((b * blocks + t, b * ROWS * gpr + g));
                 }
             }
+            let t0 = tb0 * TOKENS_PER_TILE;
+            let t1 = (t0 + blocks * TOKENS_PER_TILE).min(tokens);
+            finish(m, out, &s, (p0..p1, t0..t1), (tv, blocks));
         }
-        // The last two products.
-        unsafe {
-            store_tile(cb, product.wrapping_sub(1));
-            for p in [product, product + 1] {
-                if let Some(e) = queue[p % 2].take() {
-                    scale_into(sums, cb.add((p % 2) * TILE), &s.scales, gpr, e);
-                }
-            }
-        }
-        let t0 = tb0 * TOKENS_PER_TILE;
-        let t1 = (t0 + blocks * TOKENS_PER_TILE).min(tokens);
-        finish(m, out, &s, (p0..p1, t0..t1), (tv, blocks));
     }
     // SAFETY: as above.
     unsafe { tile_release() };
