@@ -57,11 +57,22 @@ impl HeadLinear {
         match self {
             HeadLinear::Dense(w) => Ok(x.contiguous()?.matmul(&w.transpose(1, 2)?)?),
             HeadLinear::Kernel(heads) => {
-                let xs: Vec<Tensor> = (0..heads.len())
-                    .map(|i| x.get(i))
-                    .collect::<candle_core::Result<_>>()?;
-                let items: Vec<(&Linear, &Tensor)> = heads.iter().zip(&xs).collect();
-                Ok(Tensor::stack(&Linear::forward_many(&items)?, 0)?)
+                // One copy of all heads' rows in, one tensor out: per-head tensors cost more than a decode
+                // step's products on these narrow matrices.
+                let (h, l, _) = x.dims3()?;
+                if h != heads.len() || h == 0 {
+                    return Err(Error::Invalid(format!(
+                        "{h} heads of input for {} head matrices",
+                        heads.len()
+                    )));
+                }
+                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let per = xs.len() / h;
+                let items: Vec<(&Linear, &[f32])> =
+                    heads.iter().zip(xs.chunks_exact(per.max(1))).collect();
+                let out: Vec<f32> = Linear::apply_many(&items)?.concat();
+                let o = heads[0].out_dim();
+                Ok(Tensor::from_vec(out, (h, l, o), &Device::Cpu)?)
             }
         }
     }
@@ -243,7 +254,7 @@ impl Attention {
         cache.append(&Tensor::cat(&[latent, &k_pe], 1)?)?;
         let kv = cache.view()?; // [N, r+e]
 
-        let values = kv.narrow(1, 0, r)?.contiguous()?; // [N, r]
+        let values = kv.narrow(1, 0, r)?; // [N, r], rows strided by r+e
         let out = if l < HEADS_ON_POOL {
             let q_lat = self.embed_q.forward(&q_nope)?; // [h, L, r]
             let out_lat = core(&q_lat, &q_pe, &kv, &values, past, self.scale as f32)?;

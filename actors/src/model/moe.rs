@@ -202,15 +202,15 @@ impl ExpertGroup {
             Some(p) => p.map(by_expert.len(), &gather),
             None => (0..by_expert.len()).map(gather).collect(),
         };
-        let mut items: Vec<(&Mlp, &[f32])> = mlps
-            .iter()
-            .zip(&inputs)
-            .map(|(m, x)| (*m, &x[..]))
+        // The shared expert first: its weights are the same every step, so the pool can prefetch them.
+        let items: Vec<(&Mlp, &[f32])> = shared
+            .map(|s| (s, &xs[..]))
+            .into_iter()
+            .chain(mlps.iter().zip(&inputs).map(|(m, x)| (*m, &x[..])))
             .collect();
-        items.extend(shared.map(|s| (s, &xs[..])));
         let mut outputs = Mlp::apply_many(&items)?;
         let mut out: Vec<f32> = match shared {
-            Some(_) => outputs.pop().unwrap_or_default(),
+            Some(_) => outputs.remove(0),
             None => vec![0f32; t * hidden],
         };
         // Each token's weighted expert outputs, in expert order (the same sums however the tokens are split),

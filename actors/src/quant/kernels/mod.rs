@@ -33,6 +33,7 @@
 mod aligned;
 #[cfg(target_arch = "x86_64")]
 mod amx;
+mod lookahead;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 mod scalar;
@@ -484,10 +485,14 @@ pub fn matmul_many(isa: Isa, jobs: &mut [Job]) {
     let run = |&(ji, r0, r1): &(usize, usize, usize)| {
         run_rows(isa, jobs[ji].w, &prepared[which[ji]], &outs[ji], r0, r1);
     };
+    let successor = lookahead::record(jobs);
     if total < PARALLEL_BYTES {
         tasks.iter().for_each(run);
     } else {
         Pool::global().run(tasks.len(), &|i| run(&tasks[i]));
+    }
+    if let Some(ranges) = successor {
+        Pool::global().prefetch(ranges);
     }
 }
 
