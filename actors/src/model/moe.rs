@@ -188,8 +188,21 @@ impl ExpertGroup {
             }
         }
         let pool = (t >= PARALLEL_TOKENS).then(Pool::global);
-        // Each expert's tokens gathered into its own input, the experts in parallel for a prefill.
+        // An expert that takes every token in order (each one a decode step routes to) reads `x` itself,
+        // so the kernels prepare it once for all of them.
+        let takes_all = |e: usize| {
+            let rows = &by_expert[e].1;
+            rows.len() == t
+                && rows
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &(token, _))| token as usize == i)
+        };
+        // The other experts' tokens gathered into their own inputs, the experts in parallel for a prefill.
         let gather = |e: usize| -> Vec<f32> {
+            if takes_all(e) {
+                return Vec::new();
+            }
             let rows = &by_expert[e].1;
             let mut rows_x = Vec::with_capacity(rows.len() * hidden);
             for &(token, _) in rows {
@@ -206,7 +219,12 @@ impl ExpertGroup {
         let items: Vec<(&Mlp, &[f32])> = shared
             .map(|s| (s, &xs[..]))
             .into_iter()
-            .chain(mlps.iter().zip(&inputs).map(|(m, x)| (*m, &x[..])))
+            .chain(
+                mlps.iter()
+                    .zip(&inputs)
+                    .enumerate()
+                    .map(|(e, (m, x))| (*m, if takes_all(e) { &xs[..] } else { &x[..] })),
+            )
             .collect();
         let mut outputs = Mlp::apply_many(&items)?;
         let mut out: Vec<f32> = match shared {
