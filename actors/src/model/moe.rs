@@ -228,8 +228,8 @@ impl ExpertGroup {
             .collect();
         let mut outputs = Mlp::apply_many(&items)?;
         let mut out: Vec<f32> = match shared {
-            Some(_) => outputs.remove(0),
-            None => vec![0f32; t * hidden],
+            Some(_) if !outputs.is_empty() => outputs.remove(0),
+            _ => vec![0f32; t * hidden],
         };
         // Each token's weighted expert outputs, in expert order (the same sums however the tokens are split),
         // the tokens in parallel for a prefill.

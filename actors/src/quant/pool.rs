@@ -298,6 +298,17 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         }
+        // The worker is still there (a panic while prefetching would have ended its thread, and the caller
+        // would have run every task alone): tasks long enough for it to join take some on another thread.
+        let caller = std::thread::current().id();
+        let elsewhere = AtomicU64::new(0);
+        pool.run(16, &|_| {
+            std::thread::sleep(Duration::from_millis(5));
+            if std::thread::current().id() != caller {
+                elsewhere.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        assert!(elsewhere.load(Ordering::Relaxed) > 0);
     }
 
     #[test]
