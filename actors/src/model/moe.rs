@@ -188,30 +188,22 @@ impl ExpertGroup {
             }
         }
         let pool = (t >= PARALLEL_TOKENS).then(Pool::global);
-        // An expert that takes every token in order (each one a decode step routes to) reads `x` itself,
-        // so the kernels prepare it once for all of them.
-        let takes_all = |e: usize| {
+        // Each expert's tokens gathered into its own input, the experts in parallel for a prefill; an expert
+        // that takes every token in order (each one a decode step routes to) reads `x` itself (`None`), so the
+        // kernels prepare it once for all of them.
+        let gather = |e: usize| -> Option<Vec<f32>> {
             let rows = &by_expert[e].1;
-            rows.len() == t
-                && rows
-                    .iter()
-                    .enumerate()
-                    .all(|(i, &(token, _))| token as usize == i)
-        };
-        // The other experts' tokens gathered into their own inputs, the experts in parallel for a prefill.
-        let gather = |e: usize| -> Vec<f32> {
-            if takes_all(e) {
-                return Vec::new();
+            if rows.len() == t && rows.iter().enumerate().all(|(i, r)| r.0 as usize == i) {
+                return None;
             }
-            let rows = &by_expert[e].1;
             let mut rows_x = Vec::with_capacity(rows.len() * hidden);
             for &(token, _) in rows {
                 let token = token as usize;
                 rows_x.extend_from_slice(&xs[token * hidden..(token + 1) * hidden]);
             }
-            rows_x
+            Some(rows_x)
         };
-        let inputs: Vec<Vec<f32>> = match pool {
+        let inputs: Vec<Option<Vec<f32>>> = match pool {
             Some(p) => p.map(by_expert.len(), &gather),
             None => (0..by_expert.len()).map(gather).collect(),
         };
@@ -222,8 +214,7 @@ impl ExpertGroup {
             .chain(
                 mlps.iter()
                     .zip(&inputs)
-                    .enumerate()
-                    .map(|(e, (m, x))| (*m, if takes_all(e) { &xs[..] } else { &x[..] })),
+                    .map(|(m, x)| (*m, x.as_deref().unwrap_or(&xs))),
             )
             .collect();
         let mut outputs = Mlp::apply_many(&items)?;

@@ -6,7 +6,7 @@
 
 use super::{Job, Weight};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 
 /// Bytes of a successor's weights prefetched: a few gaps' worth of one core's reading.
 const HEAD_BYTES: usize = 512 << 10;
@@ -41,14 +41,13 @@ impl Successors {
 }
 
 /// The process's calls (one sequence of calls: concurrent callers only make the guesses worse).
-static SUCCESSORS: Mutex<Option<Successors>> = Mutex::new(None);
+static SUCCESSORS: LazyLock<Mutex<Successors>> = LazyLock::new(Mutex::default);
 
 /// [`Successors::record`] on the process's calls.
 pub(super) fn record(jobs: &[Job]) -> Option<Vec<(usize, usize)>> {
     SUCCESSORS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .get_or_insert_with(Successors::default)
         .record(jobs)
 }
 
