@@ -730,9 +730,9 @@ const TILE_TOKENS: usize = 12;
 const LANE_TILE_TOKENS: usize = 48;
 
 /// f32 tokens per call from which `Isa::Amx` takes the AMX tiles (all the tokens, groups of 64 or 128).
-/// Measured with two threads on sixteen 768×2048 or 2048×768 experts: at 3 and 4 tokens the AVX-512 kernels
-/// were 4–5 % faster on 768×2048 (the tiles 7 % faster on 2048×768 at 4), at 5 tokens the tiles 9–16 %
-/// faster, at 8 27–43 %, at 16 57 %; on one 2048×2048 or 4096×2048 matrix at 64 tokens 33–36 %.
+/// Measured with two threads on 200 768×2048 or 2048×768 experts (from DRAM, as a prefill reads them): at
+/// 2, 3 and 4 tokens the AVX-512 kernels were 20–30, 12–19 and 0–6 % faster, at 5 tokens the tiles 11–16 %
+/// faster, at 8 22–51 %, at 12 51–62 %; on one 2048×2048 or 4096×2048 matrix at 64 tokens 33–36 %.
 #[cfg(target_arch = "x86_64")]
 const AMX_TOKENS: usize = amx::TOKENS_PER_TILE;
 
@@ -1039,23 +1039,25 @@ mod tests {
     fn amx_tiles_are_as_exact_as_f32_sums() {
         // Every bit width the tiles take (2 and 3 widened), both groups, tokens that fill a `B` tile (5), leave
         // a partial one (6, 7, 17), many (64) or more than a group of 65 (70); 37 rows leave a partial block
-        // of 16. The three bf16 parts make every product exact: the error is f32 summation's, as the AVX-512
-        // f32 kernels'. (With two parts it was 3.2e-6: this test fails.)
+        // of 16, and 150 rows at five tokens make three passes of rows (64, 64, 22), the last two fetched
+        // while the one before runs. The three bf16 parts make every product exact: the error is f32
+        // summation's, as the AVX-512 f32 kernels'. (With two parts it was 3.2e-6: this test fails.)
         if !Isa::available().contains(&Isa::Amx) {
             eprintln!("no AMX here: skipped");
             return;
         }
-        for (t, bits, group, cols) in [
-            (5, 4, 64, 384),
-            (6, 4, 128, 384),
-            (7, 3, 64, 512),
-            (17, 2, 128, 384),
-            (64, 4, 64, 2048),
-            (5, 4, 64, 4608),
-            (70, 3, 128, 384),
+        for (t, bits, group, cols, rows) in [
+            (5, 4, 64, 384, 37),
+            (5, 4, 64, 384, 150),
+            (6, 4, 128, 384, 37),
+            (7, 3, 64, 512, 37),
+            (17, 2, 128, 384, 37),
+            (64, 4, 64, 2048, 37),
+            (5, 4, 64, 4608, 37),
+            (70, 3, 128, 384, 37),
         ] {
             let x = activations(t * cols);
-            let m = with_scale_type(&matrix(37, cols, bits, group, 7), ScaleType::Bf16);
+            let m = with_scale_type(&matrix(rows, cols, bits, group, 7), ScaleType::Bf16);
             let want = reference(&m, &x);
             let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
             let mut errs = [0f32; 2];
@@ -1066,7 +1068,7 @@ mod tests {
             }
             assert!(
                 errs[1] < 1e-6 && errs[1] < 4.0 * errs[0].max(1e-7),
-                "t {t} bits {bits} g {group} cols {cols}: AMX {} AVX-512 {}",
+                "t {t} bits {bits} g {group} {rows}×{cols}: AMX {} AVX-512 {}",
                 errs[1],
                 errs[0]
             );
