@@ -594,6 +594,8 @@ trait Dots {
     }
 
     /// [`Dots::dot4_i8`] of four rows against one token (decode): the activations are read once for all.
+    /// `stream`: the rows are the matrix's own, one after another (not widened copies), so a kernel may fetch
+    /// the bytes that follow them ahead.
     #[inline(always)]
     fn dot4_i8_rows4(
         rows: [&[u8]; 4],
@@ -601,13 +603,20 @@ trait Dots {
         scales: [&[f32]; 4],
         dx: &[f32],
         group: usize,
+        _stream: bool,
     ) -> [f32; 4] {
         std::array::from_fn(|i| Self::dot4_i8(rows[i], xq, scales[i], dx, group))
     }
 
-    /// [`Dots::dot4_f32`] of four rows against one token.
+    /// [`Dots::dot4_f32`] of four rows against one token; `stream` as in [`Dots::dot4_i8_rows4`].
     #[inline(always)]
-    fn dot4_f32_rows4(rows: [&[u8]; 4], x: &[f32], scales: [&[f32]; 4], group: usize) -> [f32; 4] {
+    fn dot4_f32_rows4(
+        rows: [&[u8]; 4],
+        x: &[f32],
+        scales: [&[f32]; 4],
+        group: usize,
+        _stream: bool,
+    ) -> [f32; 4] {
         std::array::from_fn(|i| Self::dot4_f32(rows[i], x, scales[i], group))
     }
 }
@@ -778,9 +787,9 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
             });
             let sc: [&[f32]; 4] = std::array::from_fn(|i| &scales[i * gpr..(i + 1) * gpr]);
             let dots = if px.xq.is_empty() {
-                K::dot4_f32_rows4(rows, px.xf_of(0), sc, g)
+                K::dot4_f32_rows4(rows, px.xf_of(0), sc, g, m.bits == 4)
             } else {
-                K::dot4_i8_rows4(rows, px.xq_of(0), sc, px.dx_of(0), g)
+                K::dot4_i8_rows4(rows, px.xq_of(0), sc, px.dx_of(0), g, m.bits == 4)
             };
             for (i, d) in dots.into_iter().enumerate() {
                 let b = &biases[i * gpr..(i + 1) * gpr];

@@ -179,24 +179,31 @@ impl Dots for Avx512 {
         scales: [&[f32]; 4],
         dx: &[f32],
         group: usize,
+        stream: bool,
     ) -> [f32; 4] {
         unsafe {
             match (group, is_wide(rows[0], scales[0], group)) {
                 (32, _) => std::array::from_fn(|i| dot4_i8_vnni_g32(rows[i], xq, scales[i], dx)),
-                (64, true) => dot4_i8_rows4_zmm::<1, true>(rows, xq, scales, dx),
-                (64, false) => dot4_i8_rows4_zmm::<1, false>(rows, xq, scales, dx),
-                (_, true) => dot4_i8_rows4_zmm::<2, true>(rows, xq, scales, dx),
-                (_, false) => dot4_i8_rows4_zmm::<2, false>(rows, xq, scales, dx),
+                (64, true) => dot4_i8_rows4_zmm::<1, true>(rows, xq, scales, dx, stream),
+                (64, false) => dot4_i8_rows4_zmm::<1, false>(rows, xq, scales, dx, stream),
+                (_, true) => dot4_i8_rows4_zmm::<2, true>(rows, xq, scales, dx, stream),
+                (_, false) => dot4_i8_rows4_zmm::<2, false>(rows, xq, scales, dx, stream),
             }
         }
     }
     #[inline(always)]
-    fn dot4_f32_rows4(rows: [&[u8]; 4], x: &[f32], scales: [&[f32]; 4], group: usize) -> [f32; 4] {
+    fn dot4_f32_rows4(
+        rows: [&[u8]; 4],
+        x: &[f32],
+        scales: [&[f32]; 4],
+        group: usize,
+        stream: bool,
+    ) -> [f32; 4] {
         unsafe {
             match group {
                 32 => std::array::from_fn(|i| dot4_f32_avx512_g32(rows[i], x, scales[i])),
-                64 => dot4_f32_rows4_zmm::<1>(rows, x, scales),
-                _ => dot4_f32_rows4_zmm::<2>(rows, x, scales),
+                64 => dot4_f32_rows4_zmm::<1>(rows, x, scales, stream),
+                _ => dot4_f32_rows4_zmm::<2>(rows, x, scales, stream),
             }
         }
     }
@@ -1771,6 +1778,7 @@ unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize, const WIDE: bool>(
     xq: Q8,
     scales: [&[f32]; 4],
     dx: &[f32],
+    stream: bool,
 ) -> [f32; 4] {
     let mut acc = [_mm512_setzero_ps(); 4];
     let p = rows.map(|r| r.as_ptr());
@@ -1786,7 +1794,9 @@ unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize, const WIDE: bool>(
             for row in 0..4 {
                 unsafe {
                     if j.is_multiple_of(128) {
-                        prefetch_pass(p[0], j / 128 * 4 + row);
+                        if stream {
+                            prefetch_pass(p[0], j / 128 * 4 + row);
+                        }
                         _mm_prefetch::<_MM_HINT_T0>(
                             p[row].wrapping_add(j / 2 + PREFETCH) as *const i8
                         );
@@ -1815,7 +1825,7 @@ unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize, const WIDE: bool>(
 }
 
 /// Line `k` of the bytes [`PASS_AHEAD`] past `first` (a one-token pass's first row; the 4-bit rows of a
-/// matrix follow each other) into L2. A pass calls it once per 64 bytes it reads, so the codes a few passes
+/// matrix follow each other; not for widened rows, copies in a buffer: 3-bit decode lost 4 % to such hints). A pass calls it once per 64 bytes it reads, so the codes a few passes
 /// ahead arrive in address order, one stream where the rows' own prefetches (into L1, capped by its few
 /// line-fill buffers) make four. 1000 768×2048 experts, eight per call, two threads, one token: 20.0–21.0 →
 /// 21.4–22.1 GB/s (f32, six alternations in one process); 2048×768 +0–5 %. A probe that loads four rows
@@ -1833,6 +1843,7 @@ unsafe fn dot4_f32_rows4_zmm<const CHUNKS: usize>(
     rows: [&[u8]; 4],
     x: &[f32],
     scales: [&[f32]; 4],
+    stream: bool,
 ) -> [f32; 4] {
     let mut acc = [_mm512_setzero_ps(); 4];
     let p = rows.map(|r| r.as_ptr());
@@ -1851,7 +1862,9 @@ unsafe fn dot4_f32_rows4_zmm<const CHUNKS: usize>(
                     );
                     for i in 0..4 {
                         if h == 0 && j.is_multiple_of(128) {
-                            prefetch_pass(p[0], j / 128 * 4 + i);
+                            if stream {
+                                prefetch_pass(p[0], j / 128 * 4 + i);
+                            }
                             _mm_prefetch::<_MM_HINT_T0>(
                                 p[i].wrapping_add(j / 2 + PREFETCH) as *const i8
                             );
