@@ -364,7 +364,8 @@ pub(super) unsafe fn f32_rows(
         4 => &m.packed[p0 * rb..(p0 + pass_rows).min(rows.end) * rb],
         _ => &[],
     };
-    prefetch_l2(codes_of(rows.start), 0..usize::MAX);
+    let head = codes_of(rows.start);
+    prefetch_l2(head, 0..head.len().div_ceil(64));
     for p0 in rows.clone().step_by(pass_rows) {
         let p1 = (p0 + pass_rows).min(rows.end);
         let n = p1 - p0;
