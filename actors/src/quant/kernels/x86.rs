@@ -181,13 +181,26 @@ impl Dots for Avx512 {
         group: usize,
         stream: bool,
     ) -> [f32; 4] {
+        let exact = !xq.s.is_empty();
         unsafe {
             match (group, is_wide(rows[0], scales[0], group)) {
                 (32, _) => std::array::from_fn(|i| dot4_i8_vnni_g32(rows[i], xq, scales[i], dx)),
-                (64, true) => dot4_i8_rows4_zmm::<1, true>(rows, xq, scales, dx, stream),
-                (64, false) => dot4_i8_rows4_zmm::<1, false>(rows, xq, scales, dx, stream),
-                (_, true) => dot4_i8_rows4_zmm::<2, true>(rows, xq, scales, dx, stream),
-                (_, false) => dot4_i8_rows4_zmm::<2, false>(rows, xq, scales, dx, stream),
+                (64, true) if exact => {
+                    dot4_i8_rows4_zmm::<1, true, true>(rows, xq, scales, dx, stream)
+                }
+                (64, false) if exact => {
+                    dot4_i8_rows4_zmm::<1, false, true>(rows, xq, scales, dx, stream)
+                }
+                (_, true) if exact => {
+                    dot4_i8_rows4_zmm::<2, true, true>(rows, xq, scales, dx, stream)
+                }
+                (_, false) if exact => {
+                    dot4_i8_rows4_zmm::<2, false, true>(rows, xq, scales, dx, stream)
+                }
+                (64, true) => dot4_i8_rows4_zmm::<1, true, false>(rows, xq, scales, dx, stream),
+                (64, false) => dot4_i8_rows4_zmm::<1, false, false>(rows, xq, scales, dx, stream),
+                (_, true) => dot4_i8_rows4_zmm::<2, true, false>(rows, xq, scales, dx, stream),
+                (_, false) => dot4_i8_rows4_zmm::<2, false, false>(rows, xq, scales, dx, stream),
             }
         }
     }
@@ -300,7 +313,8 @@ pub(super) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
 
 /// [`Prepared::new`] for int8 activations in groups of a multiple of 64: each 64-value chunk is permuted
 /// (4-bit rows), quantized and stored as four 16-byte blocks, in [`super::transpose_units`] order when `units`
-/// allows — the same values as the scalar preparation, without its intermediate copies.
+/// allows — the same values as the scalar preparation, without its intermediate copies. `exact`: the three
+/// slices of f32 activations instead ([`Q8::s`]).
 ///
 /// # Safety
 /// Needs AVX-512 F/BW/VL.
@@ -311,17 +325,25 @@ pub(super) unsafe fn prepare_int8_avx512(
     group: usize,
     nibbles: bool,
     units: bool,
+    exact: bool,
 ) -> Prepared {
     debug_assert!(group.is_multiple_of(64) && cols.is_multiple_of(group));
     let (n, tokens) = (x.len(), x.len() / cols);
     let units = units && nibbles && tokens >= 2 && cols.is_multiple_of(UNIT);
     let groups = n / group;
     let (mut xq, mut xr) = (Aligned::<i8>::zeroed(n), Aligned::<i8>::zeroed(n));
+    let mut xs = Aligned::<i8>::zeroed(if exact { n } else { 0 });
     let (mut dx, mut xsum) = (Vec::with_capacity(groups), Vec::with_capacity(groups));
+    // Steps: `q` in `coarse`, `r` in `coarse / ratio`, `s` (exact) in `coarse / ratio²`.
+    let ratio = if exact {
+        super::EXACT_RESIDUAL
+    } else {
+        super::RESIDUAL
+    } as f32;
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     let (lim, neg) = (_mm512_set1_ps(127.0), _mm512_set1_ps(-127.0));
-    let (q, r) = (xq.as_mut_ptr(), xr.as_mut_ptr());
+    let (q, r, s3) = (xq.as_mut_ptr(), xr.as_mut_ptr(), xs.as_mut_ptr());
     for (g, src) in x.chunks_exact(group).enumerate() {
         // The exact Σx in sixteen lanes, summed in order (as `lane_sum`), and max |x|.
         let (mut lanes, mut top) = (_mm512_setzero_ps(), _mm512_setzero_ps());
@@ -335,15 +357,26 @@ pub(super) unsafe fn prepare_int8_avx512(
         xsum.push(super::lane_total(&l));
         let amax = _mm512_reduce_max_ps(top);
         let coarse = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-        let fine = coarse / super::RESIDUAL as f32;
-        dx.push(fine);
+        let fine = coarse / ratio;
+        let finest = fine / ratio;
+        dx.push(if exact { finest } else { fine });
         let (c, inv_c, inv_f) = (
             _mm512_set1_ps(coarse),
             _mm512_set1_ps(1.0 / coarse),
             _mm512_set1_ps(1.0 / fine),
         );
+        let (f, inv_ff) = (_mm512_set1_ps(fine), _mm512_set1_ps(1.0 / finest));
         for (k, chunk) in src.chunks_exact(64).enumerate() {
-            let v = [0, 16, 32, 48].map(|i| unsafe { _mm512_loadu_ps(chunk.as_ptr().add(i)) });
+            // Four loads written out: a `map` closure would not inherit `target_feature`.
+            let v = unsafe {
+                let p = chunk.as_ptr();
+                [
+                    _mm512_loadu_ps(p),
+                    _mm512_loadu_ps(p.add(16)),
+                    _mm512_loadu_ps(p.add(32)),
+                    _mm512_loadu_ps(p.add(48)),
+                ]
+            };
             let blocks = if nibbles {
                 [
                     _mm512_permutex2var_ps(v[0], even, v[1]),
@@ -360,7 +393,12 @@ pub(super) unsafe fn prepare_int8_avx512(
                     _mm512_max_ps(_mm512_mul_ps(b, inv_c), neg),
                     lim,
                 ));
-                let rest = _mm512_sub_ps(b, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), c));
+                // One rounding (the int8 path's two match the scalar preparation).
+                let rest = if exact {
+                    _mm512_fnmadd_ps(_mm512_cvtepi32_ps(hi), c, b)
+                } else {
+                    _mm512_sub_ps(b, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), c))
+                };
                 let lo = _mm512_cvtps_epi32(_mm512_min_ps(
                     _mm512_max_ps(_mm512_mul_ps(rest, inv_f), neg),
                     lim,
@@ -376,6 +414,17 @@ pub(super) unsafe fn prepare_int8_avx512(
                     _mm_storeu_si128(q.add(to) as *mut __m128i, _mm512_cvtsepi32_epi8(hi));
                     _mm_storeu_si128(r.add(to) as *mut __m128i, _mm512_cvtsepi32_epi8(lo));
                 }
+                if exact {
+                    let rest = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(lo), f, rest);
+                    let least = _mm512_cvtps_epi32(_mm512_min_ps(
+                        _mm512_max_ps(_mm512_mul_ps(rest, inv_ff), neg),
+                        lim,
+                    ));
+                    // SAFETY: as above.
+                    unsafe {
+                        _mm_storeu_si128(s3.add(to) as *mut __m128i, _mm512_cvtsepi32_epi8(least))
+                    };
+                }
             }
         }
     }
@@ -386,6 +435,7 @@ pub(super) unsafe fn prepare_int8_avx512(
         xf: Aligned::zeroed(0),
         xq,
         xr,
+        xs,
         units,
         dx,
         xsum,
@@ -532,6 +582,18 @@ const PASS_AHEAD: usize = 8192;
 /// Columns per pass of the f32 several-token kernel over wide rows: six tokens' activations, 48 KB, fill L1
 /// (7168 columns in one pass measured ~1.5x slower per code than 2048).
 const F32_SPAN: usize = 2048;
+
+/// Each register's lane sum. A loop, not `array::map`: its closure does not inherit `target_feature`, so it
+/// was a call per register, with the registers passed through memory (12 % of a one-token f32 decode's samples).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn hsums512<const N: usize>(acc: [__m512; N]) -> [f32; N] {
+    let mut sums = [0f32; N];
+    for (s, v) in sums.iter_mut().zip(acc) {
+        *s = _mm512_reduce_add_ps(v);
+    }
+    sums
+}
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -734,7 +796,7 @@ pub unsafe fn dot_f32_avx2(codes: &[u8], x: &[f32], scales: &[f32], group: usize
 // ---- int8 activations ----
 
 // The kernels multiply by `RESIDUAL` with a shift.
-const _: () = assert!(super::RESIDUAL == 1 << 8);
+const _: () = assert!(super::RESIDUAL == 1 << 8 && super::EXACT_RESIDUAL == 1 << 7);
 
 /// `RESIDUAL · q + r` per i32 lane.
 #[inline]
@@ -832,13 +894,18 @@ fn codes_lut() -> __m512 {
 /// Needs AVX-512 F/BW/VL + VNNI; see the module note on lengths.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 pub unsafe fn dot4_i8_vnni(packed: &[u8], xq: Q8, scales: &[f32], dx: &[f32], group: usize) -> f32 {
+    let exact = !xq.s.is_empty();
     unsafe {
         match (group, is_wide(packed, scales, group)) {
             (32, _) => dot4_i8_vnni_g32(packed, xq, scales, dx),
-            (64, true) => dot4_i8_zmm::<1, true>(packed, xq, scales, dx),
-            (64, false) => dot4_i8_zmm::<1, false>(packed, xq, scales, dx),
-            (_, true) => dot4_i8_zmm::<2, true>(packed, xq, scales, dx),
-            (_, false) => dot4_i8_zmm::<2, false>(packed, xq, scales, dx),
+            (64, true) if exact => dot4_i8_zmm::<1, true, true>(packed, xq, scales, dx),
+            (64, false) if exact => dot4_i8_zmm::<1, false, true>(packed, xq, scales, dx),
+            (_, true) if exact => dot4_i8_zmm::<2, true, true>(packed, xq, scales, dx),
+            (_, false) if exact => dot4_i8_zmm::<2, false, true>(packed, xq, scales, dx),
+            (64, true) => dot4_i8_zmm::<1, true, false>(packed, xq, scales, dx),
+            (64, false) => dot4_i8_zmm::<1, false, false>(packed, xq, scales, dx),
+            (_, true) => dot4_i8_zmm::<2, true, false>(packed, xq, scales, dx),
+            (_, false) => dot4_i8_zmm::<2, false, false>(packed, xq, scales, dx),
         }
     }
 }
@@ -847,14 +914,15 @@ pub unsafe fn dot4_i8_vnni(packed: &[u8], xq: Q8, scales: &[f32], dx: &[f32], gr
 /// coarse sums, shifted, then the residual ones); two groups per step keep two accumulator chains.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn dot4_i8_zmm<const CHUNKS: usize, const WIDE: bool>(
+unsafe fn dot4_i8_zmm<const CHUNKS: usize, const WIDE: bool, const EXACT: bool>(
     packed: &[u8],
     xq: Q8,
     scales: &[f32],
     dx: &[f32],
 ) -> f32 {
     let mut acc = [_mm512_setzero_ps(); 2];
-    let (p, q, r) = (packed.as_ptr(), xq.q.as_ptr(), xq.r.as_ptr());
+    let (p, q, r, s) = (packed.as_ptr(), xq.q.as_ptr(), xq.r.as_ptr(), xq.s.as_ptr());
+    let slices: &[*const i8] = if EXACT { &[r, s] } else { &[r] };
     let group = 64 * CHUNKS;
     let one = |g: usize, acc: &mut __m512| unsafe {
         let mut c = [_mm512_setzero_si512(); CHUNKS];
@@ -864,10 +932,12 @@ unsafe fn dot4_i8_zmm<const CHUNKS: usize, const WIDE: bool>(
             *ck = chunk64::<WIDE>(p, j);
             i = _mm512_dpbusd_epi32(i, *ck, _mm512_loadu_si512(q.add(j) as *const _));
         }
-        i = _mm512_slli_epi32(i, 8);
-        for (k, &ck) in c.iter().enumerate() {
-            let j = g * group + 64 * k;
-            i = _mm512_dpbusd_epi32(i, ck, _mm512_loadu_si512(r.add(j) as *const _));
+        for &x in slices {
+            i = slices_shift::<EXACT>(i);
+            for (k, &ck) in c.iter().enumerate() {
+                let j = g * group + 64 * k;
+                i = _mm512_dpbusd_epi32(i, ck, _mm512_loadu_si512(x.add(j) as *const _));
+            }
         }
         let sd = _mm512_set1_ps(*scales.get_unchecked(g) * *dx.get_unchecked(g));
         *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sd, *acc);
@@ -1025,7 +1095,11 @@ unsafe fn dot4_i8_vnni_xn_g32<const N: usize>(
             );
         }
     }
-    acc.map(|v| hsum256(v))
+    let mut sums = [0f32; N];
+    for (s, v) in sums.iter_mut().zip(acc) {
+        *s = hsum256(v);
+    }
+    sums
 }
 
 // ---- four tokens per pass, groups of 64 or 128 ----
@@ -1072,7 +1146,7 @@ unsafe fn dot4_i8_xn_zmm<const CHUNKS: usize, const N: usize, const WIDE: bool>(
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sd, acc[t]);
         }
     }
-    acc.map(|v| _mm512_reduce_add_ps(v))
+    hsums512(acc)
 }
 
 /// The four 64-code chunks of unit `u` of a 4-bit row in [`super::transpose_units`] order: register `j`
@@ -1773,7 +1847,7 @@ unsafe fn f32_dot_tiles<const CHUNKS: usize>(
 /// [`dot4_i8_zmm`] over four rows: each 64-code chunk of activations is loaded once for all four.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize, const WIDE: bool>(
+unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize, const WIDE: bool, const EXACT: bool>(
     rows: [&[u8]; 4],
     xq: Q8,
     scales: [&[f32]; 4],
@@ -1782,7 +1856,7 @@ unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize, const WIDE: bool>(
 ) -> [f32; 4] {
     let mut acc = [_mm512_setzero_ps(); 4];
     let p = rows.map(|r| r.as_ptr());
-    let (q, r) = (xq.q.as_ptr(), xq.r.as_ptr());
+    let (q, r, s) = (xq.q.as_ptr(), xq.r.as_ptr(), xq.s.as_ptr());
     let group = 64 * CHUNKS;
     for g in 0..dx.len().min(scales[0].len()) {
         let mut c = [[_mm512_setzero_si512(); 4]; CHUNKS];
@@ -1806,13 +1880,17 @@ unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize, const WIDE: bool>(
                 i[row] = _mm512_dpbusd_epi32(i[row], ck[row], vq);
             }
         }
-        for v in &mut i {
-            *v = _mm512_slli_epi32(*v, 8);
-        }
-        for (k, ck) in c.iter().enumerate() {
-            let vr = unsafe { _mm512_loadu_si512(r.add(g * group + 64 * k) as *const _) };
-            for row in 0..4 {
-                i[row] = _mm512_dpbusd_epi32(i[row], ck[row], vr);
+        // Then the finer slices, each after a shift by the ratio of the steps.
+        let slices: &[*const i8] = if EXACT { &[r, s] } else { &[r] };
+        for &x in slices {
+            for v in &mut i {
+                *v = slices_shift::<EXACT>(*v);
+            }
+            for (k, ck) in c.iter().enumerate() {
+                let vx = unsafe { _mm512_loadu_si512(x.add(g * group + 64 * k) as *const _) };
+                for row in 0..4 {
+                    i[row] = _mm512_dpbusd_epi32(i[row], ck[row], vx);
+                }
             }
         }
         let d = unsafe { *dx.get_unchecked(g) };
@@ -1821,7 +1899,19 @@ unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize, const WIDE: bool>(
             acc[row] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[row]), sd, acc[row]);
         }
     }
-    acc.map(|v| _mm512_reduce_add_ps(v))
+    hsums512(acc)
+}
+
+/// An accumulator of the coarser slices' sums shifted to the next slice's steps: by [`super::RESIDUAL`]
+/// (int8 path) or [`super::EXACT_RESIDUAL`] (the three slices of f32 activations).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn slices_shift<const EXACT: bool>(v: __m512i) -> __m512i {
+    if EXACT {
+        _mm512_slli_epi32(v, 7)
+    } else {
+        _mm512_slli_epi32(v, 8)
+    }
 }
 
 /// Line `k` of the bytes [`PASS_AHEAD`] past `first` (a one-token pass's first row; the 4-bit rows of a
@@ -1880,7 +1970,7 @@ unsafe fn dot4_f32_rows4_zmm<const CHUNKS: usize>(
             acc[i] = _mm512_fmadd_ps(a[i], s, acc[i]);
         }
     }
-    acc.map(|v| _mm512_reduce_add_ps(v))
+    hsums512(acc)
 }
 
 // ---- bf16 weights ----
@@ -1977,7 +2067,7 @@ unsafe fn dot4_f32_avx512_xn_g32<const N: usize>(
             acc[k] = _mm512_fmadd_ps(a, sv, acc[k]);
         }
     }
-    acc.map(|v| _mm512_reduce_add_ps(v))
+    hsums512(acc)
 }
 
 #[cfg(test)]
