@@ -1069,6 +1069,17 @@ mod tests {
         }
     }
 
+    /// Each instruction set's largest f32-path error against f64 sums, relative to the largest output.
+    fn f32_errs(m: &AffineMatrix, x: &[f32], isas: [Isa; 2]) -> [f32; 2] {
+        let want = reference(m, x);
+        let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+        isas.map(|isa| {
+            let mut y = vec![0f32; want.len()];
+            affine_matmul_isa(isa, m, x, &mut y, Activations::F32);
+            max_err(&y, &want) / scale
+        })
+    }
+
     #[test]
     fn amx_tiles_are_as_exact_as_f32_sums() {
         // Every bit width the tiles take (2 and 3 widened), both groups, tokens that fill a `B` tile (5), leave
@@ -1092,14 +1103,7 @@ mod tests {
         ] {
             let x = activations(t * cols);
             let m = with_scale_type(&matrix(rows, cols, bits, group, 7), ScaleType::Bf16);
-            let want = reference(&m, &x);
-            let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-            let mut errs = [0f32; 2];
-            for (e, isa) in errs.iter_mut().zip([Isa::Avx512, Isa::Amx]) {
-                let mut y = vec![0f32; t * m.rows];
-                affine_matmul_isa(isa, &m, &x, &mut y, Activations::F32);
-                *e = max_err(&y, &want) / scale;
-            }
+            let errs = f32_errs(&m, &x, [Isa::Avx512, Isa::Amx]);
             assert!(
                 errs[1] < 1e-6 && errs[1] < 4.0 * errs[0].max(1e-7),
                 "t {t} bits {bits} g {group} {rows}×{cols}: AMX {} AVX-512 {}",
@@ -1130,16 +1134,9 @@ mod tests {
             x[3] = 1e-6;
             x[group..2 * group].fill(0.0);
             let m = with_scale_type(&matrix(rows, cols, bits, group, 11), ScaleType::Bf16);
-            let want = reference(&m, &x);
-            let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
             let px = prepare(Isa::Avx512, &x, cols, (group, true, Activations::F32));
             assert_eq!(px.xs.len(), cols, "three slices prepared");
-            let mut errs = [0f32; 2];
-            for (e, isa) in errs.iter_mut().zip([Isa::Avx2, Isa::Avx512]) {
-                let mut y = vec![0f32; rows];
-                affine_matmul_isa(isa, &m, &x, &mut y, Activations::F32);
-                *e = max_err(&y, &want) / scale;
-            }
+            let errs = f32_errs(&m, &x, [Isa::Avx2, Isa::Avx512]);
             assert!(
                 errs[1] < 1e-6 && errs[1] < 4.0 * errs[0].max(1e-7),
                 "bits {bits} g {group} {rows}×{cols}: slices {} AVX2 f32 {}",

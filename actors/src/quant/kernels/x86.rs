@@ -181,26 +181,13 @@ impl Dots for Avx512 {
         group: usize,
         stream: bool,
     ) -> [f32; 4] {
-        let exact = !xq.s.is_empty();
         unsafe {
-            match (group, is_wide(rows[0], scales[0], group)) {
-                (32, _) => std::array::from_fn(|i| dot4_i8_vnni_g32(rows[i], xq, scales[i], dx)),
-                (64, true) if exact => {
-                    dot4_i8_rows4_zmm::<1, true, true>(rows, xq, scales, dx, stream)
+            match group {
+                32 => std::array::from_fn(|i| dot4_i8_vnni_g32(rows[i], xq, scales[i], dx)),
+                _ if !xq.s.is_empty() => {
+                    dot4_i8_rows4_any::<true>(rows, xq, scales, dx, group, stream)
                 }
-                (64, false) if exact => {
-                    dot4_i8_rows4_zmm::<1, false, true>(rows, xq, scales, dx, stream)
-                }
-                (_, true) if exact => {
-                    dot4_i8_rows4_zmm::<2, true, true>(rows, xq, scales, dx, stream)
-                }
-                (_, false) if exact => {
-                    dot4_i8_rows4_zmm::<2, false, true>(rows, xq, scales, dx, stream)
-                }
-                (64, true) => dot4_i8_rows4_zmm::<1, true, false>(rows, xq, scales, dx, stream),
-                (64, false) => dot4_i8_rows4_zmm::<1, false, false>(rows, xq, scales, dx, stream),
-                (_, true) => dot4_i8_rows4_zmm::<2, true, false>(rows, xq, scales, dx, stream),
-                (_, false) => dot4_i8_rows4_zmm::<2, false, false>(rows, xq, scales, dx, stream),
+                _ => dot4_i8_rows4_any::<false>(rows, xq, scales, dx, group, stream),
             }
         }
     }
@@ -894,18 +881,31 @@ fn codes_lut() -> __m512 {
 /// Needs AVX-512 F/BW/VL + VNNI; see the module note on lengths.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 pub unsafe fn dot4_i8_vnni(packed: &[u8], xq: Q8, scales: &[f32], dx: &[f32], group: usize) -> f32 {
-    let exact = !xq.s.is_empty();
+    unsafe {
+        match group {
+            32 => dot4_i8_vnni_g32(packed, xq, scales, dx),
+            _ if !xq.s.is_empty() => dot4_i8_zmm_any::<true>(packed, xq, scales, dx, group),
+            _ => dot4_i8_zmm_any::<false>(packed, xq, scales, dx, group),
+        }
+    }
+}
+
+/// [`dot4_i8_zmm`] for groups of 64 or 128 and the rows' layout; `EXACT`: the three slices ([`Q8::s`]).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn dot4_i8_zmm_any<const EXACT: bool>(
+    packed: &[u8],
+    xq: Q8,
+    scales: &[f32],
+    dx: &[f32],
+    group: usize,
+) -> f32 {
     unsafe {
         match (group, is_wide(packed, scales, group)) {
-            (32, _) => dot4_i8_vnni_g32(packed, xq, scales, dx),
-            (64, true) if exact => dot4_i8_zmm::<1, true, true>(packed, xq, scales, dx),
-            (64, false) if exact => dot4_i8_zmm::<1, false, true>(packed, xq, scales, dx),
-            (_, true) if exact => dot4_i8_zmm::<2, true, true>(packed, xq, scales, dx),
-            (_, false) if exact => dot4_i8_zmm::<2, false, true>(packed, xq, scales, dx),
-            (64, true) => dot4_i8_zmm::<1, true, false>(packed, xq, scales, dx),
-            (64, false) => dot4_i8_zmm::<1, false, false>(packed, xq, scales, dx),
-            (_, true) => dot4_i8_zmm::<2, true, false>(packed, xq, scales, dx),
-            (_, false) => dot4_i8_zmm::<2, false, false>(packed, xq, scales, dx),
+            (64, true) => dot4_i8_zmm::<1, true, EXACT>(packed, xq, scales, dx),
+            (64, false) => dot4_i8_zmm::<1, false, EXACT>(packed, xq, scales, dx),
+            (_, true) => dot4_i8_zmm::<2, true, EXACT>(packed, xq, scales, dx),
+            (_, false) => dot4_i8_zmm::<2, false, EXACT>(packed, xq, scales, dx),
         }
     }
 }
@@ -1843,6 +1843,27 @@ unsafe fn f32_dot_tiles<const CHUNKS: usize>(
 }
 
 // ---- four rows per pass (one token) ----
+
+/// [`dot4_i8_rows4_zmm`] for groups of 64 or 128 and the rows' layout.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn dot4_i8_rows4_any<const EXACT: bool>(
+    rows: [&[u8]; 4],
+    xq: Q8,
+    scales: [&[f32]; 4],
+    dx: &[f32],
+    group: usize,
+    stream: bool,
+) -> [f32; 4] {
+    unsafe {
+        match (group, is_wide(rows[0], scales[0], group)) {
+            (64, true) => dot4_i8_rows4_zmm::<1, true, EXACT>(rows, xq, scales, dx, stream),
+            (64, false) => dot4_i8_rows4_zmm::<1, false, EXACT>(rows, xq, scales, dx, stream),
+            (_, true) => dot4_i8_rows4_zmm::<2, true, EXACT>(rows, xq, scales, dx, stream),
+            (_, false) => dot4_i8_rows4_zmm::<2, false, EXACT>(rows, xq, scales, dx, stream),
+        }
+    }
+}
 
 /// [`dot4_i8_zmm`] over four rows: each 64-code chunk of activations is loaded once for all four.
 #[inline]
