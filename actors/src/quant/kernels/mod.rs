@@ -657,15 +657,14 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: (usize, bool, Activations)) ->
         Isa::Avx512 | Isa::Amx if key.2 == Activations::Int8 && key.0.is_multiple_of(64) => unsafe {
             x86::prepare_int8_avx512(x, cols, key.0, key.1, true, false)
         },
-        // One token of f32 activations against 4-bit-order rows: three int8 slices, as exact as f32 and
-        // fewer instructions per code than unpacking the codes to f32.
+        // f32 activations of fewer tokens than the tiles take, against 4-bit-order rows: three int8 slices,
+        // as exact as f32 and fewer instructions per code than unpacking the codes to f32.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Amx
             if key.1
                 && key.2 == Activations::F32
-                && key.0.is_multiple_of(64)
-                && x.len() == cols =>
-        unsafe { x86::prepare_int8_avx512(x, cols, key.0, key.1, false, true) },
+                && exact_slices(isa, x.len() / cols, cols, key.0) =>
+        unsafe { x86::prepare_int8_avx512(x, cols, key.0, key.1, true, true) },
         #[cfg(target_arch = "x86_64")]
         Isa::Amx
             if key.1
@@ -696,6 +695,21 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: (usize, bool, Activations)) ->
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { x86::prepare_avx2(x, cols, key, false) },
         _ => Prepared::new(x, cols, key, false),
+    }
+}
+
+/// Whether `tokens` f32 tokens of `cols` columns in groups of `group` take the three int8 slices: one token in
+/// groups of a multiple of 64; fewer than the tiles take in whole units ([`UNIT`]) of groups of 64 or 128.
+#[cfg(target_arch = "x86_64")]
+fn exact_slices(isa: Isa, tokens: usize, cols: usize, group: usize) -> bool {
+    let tiles = if isa == Isa::Amx {
+        AMX_TOKENS
+    } else {
+        TILE_TOKENS
+    };
+    match tokens {
+        1 => group.is_multiple_of(64),
+        _ => (2..tiles).contains(&tokens) && cols.is_multiple_of(UNIT) && matches!(group, 64 | 128),
     }
 }
 
@@ -1113,33 +1127,41 @@ mod tests {
         }
     }
 
-    /// One f32 token on AVX-512 + VNNI meets 4-bit-order rows as three int8 slices: within 2⁻²² of each
-    /// group's `max|x|` per value, so the outputs are as close to f64 sums as the f32 kernels' (without the
-    /// third slice, 2⁻¹⁵ of `max|x|`, they were ~100× farther and this test fails).
+    /// Fewer f32 tokens than the tiles take meet 4-bit-order rows on AVX-512 + VNNI as three int8 slices:
+    /// within 2⁻²² of each group's `max|x|` per value, so the outputs are as close to f64 sums as the f32
+    /// kernels' (without the third slice, 2⁻¹⁵ of `max|x|`, they were ~100× farther and this test fails).
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn one_f32_token_in_three_int8_slices_is_as_exact_as_f32_sums() {
+    fn f32_tokens_in_three_int8_slices_are_as_exact_as_f32_sums() {
         if !x86::has_avx512() {
             return;
         }
-        // 37 rows leave one row to the one-row kernel; 2- and 3-bit rows are widened.
-        for (bits, group, cols, rows) in [
-            (4, 64, 2048, 37),
-            (4, 128, 768, 40),
-            (3, 64, 384, 37),
-            (2, 128, 512, 37),
+        // One token: four rows per pass, 37 rows leave one to the one-row kernel. Several: two rows per pass,
+        // 37 leave one; 11 tokens make two blocks (5 + 6), 9 two of 4 + 5. 2- and 3-bit rows are widened.
+        // 384 columns are not whole units of 256: several tokens stay f32 there.
+        for (t, bits, group, cols, rows, slices) in [
+            (1, 4, 64, 2048, 37, true),
+            (1, 4, 128, 768, 40, true),
+            (1, 3, 64, 384, 37, true),
+            (1, 2, 128, 512, 37, true),
+            (2, 4, 64, 2048, 37, true),
+            (4, 4, 128, 768, 40, true),
+            (8, 4, 64, 512, 37, true),
+            (9, 3, 64, 768, 37, true),
+            (11, 2, 128, 512, 38, true),
+            (3, 4, 64, 384, 37, false),
         ] {
-            let mut x = activations(cols);
+            let mut x = activations(t * cols);
             // Values far below their group's largest, and an all-zero group.
             x[3] = 1e-6;
             x[group..2 * group].fill(0.0);
             let m = with_scale_type(&matrix(rows, cols, bits, group, 11), ScaleType::Bf16);
             let px = prepare(Isa::Avx512, &x, cols, (group, true, Activations::F32));
-            assert_eq!(px.xs.len(), cols, "three slices prepared");
+            assert_eq!(px.xs.len(), if slices { t * cols } else { 0 }, "t {t}");
             let errs = f32_errs(&m, &x, [Isa::Avx2, Isa::Avx512]);
             assert!(
                 errs[1] < 1e-6 && errs[1] < 4.0 * errs[0].max(1e-7),
-                "bits {bits} g {group} {rows}×{cols}: slices {} AVX2 f32 {}",
+                "t {t} bits {bits} g {group} {rows}×{cols}: slices {} AVX2 f32 {}",
                 errs[1],
                 errs[0]
             );
