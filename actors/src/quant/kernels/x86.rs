@@ -1289,16 +1289,16 @@ unsafe fn units_rows_n<const CHUNKS: usize, const WIDE: bool>(
     tokens: std::ops::Range<usize>,
 ) -> bool {
     if px.xs.is_empty() {
-        unsafe { units_rows_exact::<CHUNKS, WIDE, false>(m, px, out, rows, tokens) }
+        unsafe { units_rows_by_count::<CHUNKS, WIDE, false>(m, px, out, rows, tokens) }
     } else {
-        unsafe { units_rows_exact::<CHUNKS, WIDE, true>(m, px, out, rows, tokens) }
+        unsafe { units_rows_by_count::<CHUNKS, WIDE, true>(m, px, out, rows, tokens) }
     }
 }
 
 /// [`units_rows_n`] with the two slices of int8 activations or (`EXACT`) the three of f32 ones.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn units_rows_exact<const CHUNKS: usize, const WIDE: bool, const EXACT: bool>(
+unsafe fn units_rows_by_count<const CHUNKS: usize, const WIDE: bool, const EXACT: bool>(
     m: &AffineMatrix,
     px: &Prepared,
     out: &Out,
@@ -1429,9 +1429,10 @@ unsafe fn units_pass<
             w[k] = unsafe { unit_blocks::<WIDE>(row.codes, u) };
         }
         for t in 0..N {
-            // `RESIDUAL·Σq + Σr` per lane (`EXACT`: `(EXACT_RESIDUAL·Σq + Σr)·EXACT_RESIDUAL + Σs`). Each
-            // slice sums in its own registers: one chain of all the slices' `vpdpbusd` was bound by their
-            // latency (768×2048, four tokens: ~1.3× slower).
+            // `RESIDUAL·Σq + Σr` per lane (`EXACT`: `(EXACT_RESIDUAL·Σq + Σr)·EXACT_RESIDUAL + Σs`; a lane
+            // sums 16 products of at most 15·127, so `EXACT` stays below 16·15·127·(128² + 128 + 1) < 2³¹).
+            // Each slice sums in its own registers: one chain of all the slices' `vpdpbusd` was bound by their
+            // latency (768×2048, two threads, 2 and 8 tokens: 8–15 % slower).
             let slices = if EXACT { 3 } else { 2 };
             let from = [x.q[t], x.r[t], x.s[t]];
             let mut part = [[_mm512_setzero_si512(); R]; 3];
