@@ -1083,15 +1083,20 @@ mod tests {
         }
     }
 
-    /// Each instruction set's largest f32-path error against f64 sums, relative to the largest output.
-    fn f32_errs(m: &AffineMatrix, x: &[f32], isas: [Isa; 2]) -> [f32; 2] {
+    /// `isa`'s f32 path is as exact as `than`'s: its largest error against f64 sums, relative to the largest
+    /// output, is below 1e-6 and within 4× of `than`'s.
+    fn assert_as_exact(m: &AffineMatrix, x: &[f32], [than, isa]: [Isa; 2], case: &str) {
         let want = reference(m, x);
         let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-        isas.map(|isa| {
+        let [base, got] = [than, isa].map(|isa| {
             let mut y = vec![0f32; want.len()];
             affine_matmul_isa(isa, m, x, &mut y, Activations::F32);
             max_err(&y, &want) / scale
-        })
+        });
+        assert!(
+            got < 1e-6 && got < 4.0 * base.max(1e-7),
+            "{case}: {isa:?} {got}, {than:?} {base}"
+        );
     }
 
     #[test]
@@ -1117,13 +1122,8 @@ mod tests {
         ] {
             let x = activations(t * cols);
             let m = with_scale_type(&matrix(rows, cols, bits, group, 7), ScaleType::Bf16);
-            let errs = f32_errs(&m, &x, [Isa::Avx512, Isa::Amx]);
-            assert!(
-                errs[1] < 1e-6 && errs[1] < 4.0 * errs[0].max(1e-7),
-                "t {t} bits {bits} g {group} {rows}×{cols}: AMX {} AVX-512 {}",
-                errs[1],
-                errs[0]
-            );
+            let case = format!("t {t} bits {bits} g {group} {rows}×{cols}");
+            assert_as_exact(&m, &x, [Isa::Avx512, Isa::Amx], &case);
         }
     }
 
@@ -1158,13 +1158,8 @@ mod tests {
             let m = with_scale_type(&matrix(rows, cols, bits, group, 11), ScaleType::Bf16);
             let px = prepare(Isa::Avx512, &x, cols, (group, true, Activations::F32));
             assert_eq!(px.xs.len(), if slices { t * cols } else { 0 }, "t {t}");
-            let errs = f32_errs(&m, &x, [Isa::Avx2, Isa::Avx512]);
-            assert!(
-                errs[1] < 1e-6 && errs[1] < 4.0 * errs[0].max(1e-7),
-                "t {t} bits {bits} g {group} {rows}×{cols}: slices {} AVX2 f32 {}",
-                errs[1],
-                errs[0]
-            );
+            let case = format!("t {t} bits {bits} g {group} {rows}×{cols}");
+            assert_as_exact(&m, &x, [Isa::Avx2, Isa::Avx512], &case);
         }
     }
 
