@@ -200,8 +200,8 @@ struct Prepared {
 const XT_BLOCK: usize = 32;
 
 impl Prepared {
-    /// `group` and `nibbles` as in [`Weight::prep_key`]; `units`: the int8 activations of several tokens
-    /// over 4-bit rows in groups of 64 or more go in [`transpose_units`] order, where the columns allow.
+    /// `group` and `nibbles` as in [`Weight::prep_key`]; `units`: int8 activations over 4-bit-order rows in
+    /// groups of 64 or more go in [`transpose_units`] order, where the columns allow.
     #[inline(always)]
     fn new(
         x: &[f32],
@@ -250,7 +250,6 @@ impl Prepared {
         let units = units
             && !xq.is_empty()
             && nibbles
-            && tokens >= 2
             && group.is_multiple_of(64)
             && cols.is_multiple_of(UNIT);
         if units {
@@ -397,14 +396,19 @@ impl Weight<'_> {
         }
     }
 
-    /// What the prepared activations depend on: group size, 4-bit permutation, activation path.
-    fn prep_key(&self) -> (usize, bool, Activations) {
+    /// What the prepared activations depend on: group size, 4-bit permutation, activation path; and whether
+    /// the rows are 4-bit as stored, which one token's int8 slices on AVX-512 meet in unit order (2- and
+    /// 3-bit rows, widened on every read, keep the four-row kernel).
+    fn prep_key(&self) -> PrepKey {
         match self {
-            Weight::Affine(m) => (m.group, m.bits <= 4, m.activations),
-            Weight::Bf16(m) => (m.cols, false, Activations::F32),
+            Weight::Affine(m) => (m.group, m.bits <= 4, m.activations, m.bits == 4),
+            Weight::Bf16(m) => (m.cols, false, Activations::F32, false),
         }
     }
 }
+
+/// See [`Weight::prep_key`].
+type PrepKey = (usize, bool, Activations, bool);
 
 /// One matrix application of a [`matmul_many`] call: `y[t, rows] = x[t, cols] · Wᵀ`.
 pub struct Job<'a> {
@@ -650,42 +654,49 @@ fn run_rows(isa: Isa, w: Weight, px: &Prepared, out: &Out, r0: usize, r1: usize)
     }
 }
 
-fn prepare(isa: Isa, x: &[f32], cols: usize, key: (usize, bool, Activations)) -> Prepared {
+fn prepare(isa: Isa, x: &[f32], cols: usize, key: PrepKey) -> Prepared {
+    let (group, nibbles, act, packed4) = key;
+    let base = (group, nibbles, act);
+    // Int8 slices in unit order (where the columns allow) for several tokens, and for one against 4-bit
+    // rows: the several-token kernel's two rows per pass there need ~0.75 of the four-row kernel's time
+    // (one 768×2048 matrix in L2, one thread, f32 and int8).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    let units = x.len() / cols >= 2 || packed4;
     match isa {
         // SAFETY: as in `run_rows`.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Amx if key.2 == Activations::Int8 && key.0.is_multiple_of(64) => unsafe {
-            x86::prepare_int8_avx512(x, cols, key.0, key.1, true, false)
+        Isa::Avx512 | Isa::Amx if act == Activations::Int8 && group.is_multiple_of(64) => unsafe {
+            x86::prepare_int8_avx512(x, cols, group, nibbles, units, false)
         },
         // f32 activations of fewer tokens than the tiles take, against 4-bit-order rows: three int8 slices,
         // as exact as f32 and fewer instructions per code than unpacking the codes to f32.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Amx
-            if key.1
-                && key.2 == Activations::F32
-                && exact_slices(isa, x.len() / cols, cols, key.0) =>
-        unsafe { x86::prepare_int8_avx512(x, cols, key.0, key.1, true, true) },
+            if nibbles
+                && act == Activations::F32
+                && exact_slices(isa, x.len() / cols, cols, group) =>
+        unsafe { x86::prepare_int8_avx512(x, cols, group, nibbles, units, true) },
         #[cfg(target_arch = "x86_64")]
         Isa::Amx
-            if key.1
-                && key.2 == Activations::F32
-                && matches!(key.0, 64 | 128)
+            if nibbles
+                && act == Activations::F32
+                && matches!(group, 64 | 128)
                 && x.len() >= AMX_TOKENS * cols =>
         {
             // f32 activations of several tokens against 4-bit-order rows: the AMX tiles take all of them.
-            let mut px = unsafe { x86::prepare_avx2(x, cols, key, true) };
+            let mut px = unsafe { x86::prepare_avx2(x, cols, base, false) };
             px.xb = unsafe { amx::prepare(&px.xf, px.tokens, cols) };
             px
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Amx => {
-            let mut px = unsafe { x86::prepare_avx2(x, cols, key, true) };
+            let mut px = unsafe { x86::prepare_avx2(x, cols, base, false) };
             // f32 activations of enough tokens for the tiles (see `affine_rows`), 4-bit-order rows in the
             // groups the tiles take.
-            if key.1
-                && key.2 == Activations::F32
+            if nibbles
+                && act == Activations::F32
                 && px.tokens >= LANE_TILE_TOKENS
-                && matches!(key.0, 64 | 128)
+                && matches!(group, 64 | 128)
             {
                 let tokens = px.tokens / 16 * 16;
                 px.xt = unsafe { x86::transpose_tokens(&px.xf[..tokens * cols], tokens, cols) };
@@ -693,8 +704,8 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: (usize, bool, Activations)) ->
             px
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::prepare_avx2(x, cols, key, false) },
-        _ => Prepared::new(x, cols, key, false),
+        Isa::Avx2 => unsafe { x86::prepare_avx2(x, cols, base, false) },
+        _ => Prepared::new(x, cols, base, false),
     }
 }
 
@@ -808,9 +819,9 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     let g = px.group;
     let all: &[u8] = &m.packed;
     let mut r = r0;
-    // One token (decode) on 4-bit (or widened) rows: four rows per pass share the activations and the loop
-    // overhead.
-    if px.tokens == 1 && nibbles {
+    // One token (decode) on 4-bit (or widened) rows, not in unit order: four rows per pass share the
+    // activations and the loop overhead.
+    if px.tokens == 1 && nibbles && !px.units {
         while r + 4 <= r1 {
             m.rows_scales(r..r + 4, &mut scales, &mut biases);
             let mut wb = 0;
@@ -841,7 +852,8 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     // eight or six (`width` below), so no token runs alone. Blocks outside, rows inside: a block's
     // activations stay in L1 while the task's rows (tens of KB) come again from L2 for each block.
     let left = px.tokens - first;
-    let multi = nibbles && left >= 2;
+    // (One token in unit order takes the same kernel, as a block of one.)
+    let multi = nibbles && (left >= 2 || px.units);
     // Eight int8 tokens fit the registers. f32 tokens take 4 bytes of L1 per column each: eight of them on
     // rows of up to 1024 columns (2048×768 experts, 7 and 8 tokens, two threads: 13–15 % faster than two
     // blocks), six on wider rows (768×2048: eight in one block were ~20 % slower).
@@ -1136,12 +1148,14 @@ mod tests {
         if !x86::has_avx512() {
             return;
         }
-        // One token: four rows per pass, 37 rows leave one to the one-row kernel. Several: two rows per pass,
-        // 37 leave one; 11 tokens make two blocks (5 + 6), 9 two of 4 + 5. 2- and 3-bit rows are widened.
-        // 384 columns are not whole units of 256: several tokens stay f32 there.
+        // One token on 2- and 3-bit rows (widened): four rows per pass, 37 rows leave one to the one-row
+        // kernel. Several tokens, or one on 4-bit rows: two rows per pass in unit order, 37 leave one; 11
+        // tokens make two blocks (5 + 6), 9 two of 4 + 5. 384 columns are not whole units of 256: one token
+        // stays out of unit order there, several on f32.
         for (t, bits, group, cols, rows, slices) in [
             (1, 4, 64, 2048, 37, true),
             (1, 4, 128, 768, 40, true),
+            (1, 4, 64, 384, 37, true),
             (1, 3, 64, 384, 37, true),
             (1, 2, 128, 512, 37, true),
             (2, 4, 64, 2048, 37, true),
@@ -1156,10 +1170,48 @@ mod tests {
             x[3] = 1e-6;
             x[group..2 * group].fill(0.0);
             let m = with_scale_type(&matrix(rows, cols, bits, group, 11), ScaleType::Bf16);
-            let px = prepare(Isa::Avx512, &x, cols, (group, true, Activations::F32));
+            let px = prepare(
+                Isa::Avx512,
+                &x,
+                cols,
+                (group, true, Activations::F32, bits == 4),
+            );
             assert_eq!(px.xs.len(), if slices { t * cols } else { 0 }, "t {t}");
+            let units = slices && (t >= 2 || bits == 4) && cols.is_multiple_of(UNIT);
+            assert_eq!(px.units, units, "t {t} bits {bits} {cols}");
             let case = format!("t {t} bits {bits} g {group} {rows}×{cols}");
             assert_as_exact(&m, &x, [Isa::Avx2, Isa::Avx512], &case);
+        }
+    }
+
+    /// One token against 4-bit rows in unit order (two rows per pass) gives what the four-row kernel gives
+    /// for the same slices, up to the order of the float sums: int8 and f32 activations, both groups, an
+    /// odd row count and columns of one or eight units.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn one_token_in_unit_order_matches_the_four_row_kernel() {
+        if !x86::has_avx512() {
+            return;
+        }
+        for (group, cols, rows) in [(64, 2048, 37), (128, 256, 40), (64, 768, 600)] {
+            let x = activations(cols);
+            let m = with_scale_type(&matrix(rows, cols, 4, group, 5), ScaleType::Bf16);
+            for act in [Activations::Int8, Activations::F32] {
+                let [four, units] = [false, true].map(|packed4| {
+                    let px = prepare(Isa::Avx512, &x, cols, (group, true, act, packed4));
+                    assert_eq!(px.units, packed4, "g {group} {cols} {act:?}");
+                    let mut y = vec![0f32; rows];
+                    let out = Out {
+                        ptr: y.as_mut_ptr(),
+                        len: y.len(),
+                    };
+                    run_rows(Isa::Avx512, Weight::Affine(&m), &px, &out, 0, rows);
+                    y
+                });
+                let scale = four.iter().fold(1f32, |a, v| a.max(v.abs()));
+                let err = max_err(&units, &four);
+                assert!(err < 1e-6 * scale, "g {group} {rows}×{cols} {act:?}: {err}");
+            }
         }
     }
 

@@ -316,7 +316,7 @@ pub(super) unsafe fn prepare_int8_avx512(
 ) -> Prepared {
     debug_assert!(group.is_multiple_of(64) && cols.is_multiple_of(group));
     let (n, tokens) = (x.len(), x.len() / cols);
-    let units = units && nibbles && tokens >= 2 && cols.is_multiple_of(UNIT);
+    let units = units && nibbles && cols.is_multiple_of(UNIT);
     let groups = n / group;
     let (mut xq, mut xr) = (Aligned::<i8>::zeroed(n), Aligned::<i8>::zeroed(n));
     let mut xs = Aligned::<i8>::zeroed(if exact { n } else { 0 });
@@ -1278,7 +1278,7 @@ unsafe fn scales16(raw: *const u8, st: ScaleType, g0: usize, m: __mmask16) -> __
     }
 }
 
-/// [`units_rows`] for a block of 2 to 8 tokens; false for other counts.
+/// [`units_rows`] for a block of 1 to 8 tokens; false for other counts.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn units_rows_n<const CHUNKS: usize, const WIDE: bool>(
@@ -1308,6 +1308,7 @@ unsafe fn units_rows_by_count<const CHUNKS: usize, const WIDE: bool, const EXACT
     let t0 = tokens.start;
     unsafe {
         match tokens.len() {
+            1 => units_rows::<CHUNKS, 1, WIDE, EXACT>(m, px, out, rows, t0),
             2 => units_rows::<CHUNKS, 2, WIDE, EXACT>(m, px, out, rows, t0),
             3 => units_rows::<CHUNKS, 3, WIDE, EXACT>(m, px, out, rows, t0),
             4 => units_rows::<CHUNKS, 4, WIDE, EXACT>(m, px, out, rows, t0),
@@ -1411,8 +1412,10 @@ unsafe fn units_pass<
             }
             idx = first;
         }
-        // Ahead in the checkpoint's row stream (a widened row is already in L1).
-        for row in &kr {
+        // Ahead in the checkpoint's row stream (a widened row is already in L1); for 4-bit rows, the matrix's
+        // own one after another, also the pass's bytes further ahead into L2 in address order (as the
+        // one-token passes of `dot4_i8_rows4_zmm`).
+        for (k, row) in kr.iter().enumerate() {
             for line in (0..unit_packed).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(
                     row.packed
@@ -1420,6 +1423,12 @@ unsafe fn units_pass<
                         .wrapping_add(u * unit_packed + line + PREFETCH)
                         as *const i8,
                 );
+                if m.bits == 4 {
+                    prefetch_pass(
+                        kr[0].packed.as_ptr(),
+                        ((u * R + k) * unit_packed + line) / 64,
+                    );
+                }
             }
         }
         // A loop, not `array::from_fn`: a closure would not inherit `target_feature`, and `unit_blocks`
