@@ -854,13 +854,16 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     let left = px.tokens - first;
     // (One token in unit order takes the same kernel, as a block of one.)
     let multi = nibbles && (left >= 2 || px.units);
-    // Eight int8 tokens fit the registers. f32 tokens take 4 bytes of L1 per column each: eight of them on
-    // rows of up to 1024 columns (2048×768 experts, 7 and 8 tokens, two threads: 13–15 % faster than two
-    // blocks), six on wider rows (768×2048: eight in one block were ~20 % slower).
-    let width = if px.xq.is_empty() && m.cols > 1024 {
-        6
-    } else {
-        8
+    // f32 tokens take 4 bytes of L1 per column each: eight of them on rows of up to 1024 columns (2048×768
+    // experts, 7 and 8 tokens, two threads: 13–15 % faster than two blocks), six on wider rows (768×2048: eight
+    // in one block were ~20 % slower). int8 tokens in unit order (AVX-512) go in blocks of at most five: from
+    // six, a block's sums and scales no longer fit the registers and its token loop is not unrolled (768×2048,
+    // two threads, eight tokens: 117 µs in one block, 100 in two of four; bench-shape prefill ×1.07). Elsewhere
+    // eight int8 tokens fit (AVX2: blocks of five made a two-layer prefill 160 → 182 ms).
+    let width = match (px.xq.is_empty(), px.units) {
+        (true, _) if m.cols > 1024 => 6,
+        (false, true) => 5,
+        _ => 8,
     };
     let blocks = if multi { left.div_ceil(width) } else { 1 };
     for b in 0..blocks {
