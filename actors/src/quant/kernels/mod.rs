@@ -193,6 +193,11 @@ struct Prepared {
     /// The f32 activations as AMX `B` tiles (`amx::prepare`), where `Isa::Amx` takes them. Empty elsewhere.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     xb: Aligned<u32>,
+    /// `[t, 2, cols]`: each token's coarse int8 codes, then its residual ones, in nibble order (never in
+    /// units order), where the AVX-512 kernel with rows in lanes takes them (`x86::int8_lanes`). Empty
+    /// elsewhere.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    xl: Aligned<i8>,
 }
 
 /// Tokens per block of [`Prepared::xt`]: two 512-bit registers.
@@ -269,6 +274,7 @@ impl Prepared {
             xsum,
             xt: Aligned::zeroed(0),
             xb: Aligned::zeroed(0),
+            xl: Aligned::zeroed(0),
         }
     }
 
@@ -602,6 +608,19 @@ trait Dots {
         0
     }
 
+    /// int8 activations of [`LANE_TOKENS`] or more tokens against rows `rows` of 4-bit matrix `m`, sixteen
+    /// rows per register, where this set has a kernel for it: it stores the outputs of the tokens from the
+    /// first and returns how many (0: none).
+    #[inline(always)]
+    fn int8_lanes(
+        _m: &AffineMatrix,
+        _px: &Prepared,
+        _out: &Out,
+        _rows: std::ops::Range<usize>,
+    ) -> usize {
+        0
+    }
+
     /// [`Dots::dot4_f32`] for `N` tokens at once.
     #[inline(always)]
     fn dot4_f32_xn<const N: usize>(
@@ -666,7 +685,15 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: PrepKey) -> Prepared {
         // SAFETY: as in `run_rows`.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Amx if act == Activations::Int8 && group.is_multiple_of(64) => unsafe {
-            x86::prepare_int8_avx512(x, cols, group, nibbles, units, false)
+            x86::prepare_int8_avx512(
+                x,
+                cols,
+                group,
+                nibbles,
+                units,
+                false,
+                x.len() / cols >= LANE_TOKENS,
+            )
         },
         // f32 activations of fewer tokens than the tiles take, against 4-bit-order rows: three int8 slices,
         // as exact as f32 and fewer instructions per code than unpacking the codes to f32.
@@ -675,7 +702,7 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: PrepKey) -> Prepared {
             if nibbles
                 && act == Activations::F32
                 && exact_slices(isa, x.len() / cols, cols, group) =>
-        unsafe { x86::prepare_int8_avx512(x, cols, group, nibbles, units, true) },
+        unsafe { x86::prepare_int8_avx512(x, cols, group, nibbles, units, true, false) },
         #[cfg(target_arch = "x86_64")]
         Isa::Amx
             if nibbles
@@ -781,6 +808,13 @@ fn bf16_pass<K: Dots, const N: usize>(
 /// (two threads): at 8 and 10 tokens the register kernel is 8–15 % faster, at 12 the tiles are 2–4 % faster.
 const TILE_TOKENS: usize = 12;
 
+/// int8 tokens per call from which the AVX-512 kernel with rows in lanes (`x86::int8_lanes`) takes them all.
+/// Measured with two threads against the unit-order kernel: 2048×2048 at 64 tokens 149 → 172 GMAC/s, 32
+/// tokens +10 %, 16 the same; 2048×768 at 16 tokens +13–25 %, at 12 +4–15 %; 768×2048 at 8 tokens 20 %
+/// slower, at 12–16 the same.
+#[cfg(target_arch = "x86_64")]
+const LANE_TOKENS: usize = 16;
+
 /// f32 tokens per call from which the AVX-512 tiles put sixteen tokens in each register (their whole sixteens;
 /// the register kernels take the rest) instead of summing the lanes of four-by-four blocks. Measured with two
 /// threads on sixteen 768×2048 and 2048×768 matrices: at 16 and 32 tokens the lanes were 10–20 % slower, at
@@ -801,6 +835,8 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     let first =
         if m.bits <= 4 && px.xq.is_empty() && (px.tokens >= TILE_TOKENS || !px.xb.is_empty()) {
             K::f32_tiles(m, px, out, r0..r1)
+        } else if m.bits == 4 && !px.xl.is_empty() {
+            K::int8_lanes(m, px, out, r0..r1)
         } else {
             0
         };
@@ -1233,7 +1269,7 @@ mod tests {
             x[2 * group..3 * group].fill(0.0);
             let f = Prepared::new(&x, cols, (group, true, Activations::F32), false).xf;
             // SAFETY: checked above.
-            let px = unsafe { x86::prepare_int8_avx512(&x, cols, group, true, false, true) };
+            let px = unsafe { x86::prepare_int8_avx512(&x, cols, group, true, false, true, false) };
             let k = EXACT_RESIDUAL;
             for (i, v) in f.iter().enumerate() {
                 let (q, r, s) = (px.xq[i] as i32, px.xr[i] as i32, px.xs[i] as i32);
@@ -1327,6 +1363,44 @@ mod tests {
     }
 
     #[test]
+    fn int8_rows_in_lanes_agree_with_the_scalar_int8_reference() {
+        // From `LANE_TOKENS` int8 tokens on, AVX-512 takes 4-bit rows sixteen to a register (`x86::int8_lanes`):
+        // blocks of 8 tokens and a tail (23 = 8 + 8 + 7, 40), 37 rows (two full blocks of sixteen and five),
+        // columns that are and are not whole 256-code units, groups of 64 and 128, every scale type.
+        #[cfg(target_arch = "x86_64")]
+        if x86::has_avx512() {
+            let key = (64, true, Activations::Int8, true);
+            let laned = |t: usize| {
+                !prepare(Isa::Avx512, &activations(t * 256), 256, key)
+                    .xl
+                    .is_empty()
+            };
+            assert!(laned(LANE_TOKENS) && !laned(LANE_TOKENS - 1));
+        }
+        let rows = 37;
+        for (t, cols) in [(16, 64), (23, 192), (40, 1280), (16, 2048)] {
+            let x = activations(t * cols);
+            let groups = [64, 128].into_iter().filter(|g| cols % g == 0);
+            let types = [ScaleType::F32, ScaleType::Bf16, ScaleType::F16];
+            for (group, st) in groups.flat_map(|g| types.map(|st| (g, st))) {
+                let m = with_scale_type(&matrix(rows, cols, 4, group, 7), st);
+                let mut want = vec![0f32; t * rows];
+                affine_matmul_isa(Isa::Scalar, &m, &x, &mut want, Activations::Int8);
+                for isa in Isa::available() {
+                    let mut y = vec![0f32; t * rows];
+                    affine_matmul_isa(isa, &m, &x, &mut y, Activations::Int8);
+                    for (a, b) in y.iter().zip(&want) {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "{isa:?} g {group} {st:?} cols {cols} t {t}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn bf16_rows_match_the_f32_reference_on_every_isa() {
         // One token, and eleven: blocks of five and six (and a tail of columns past the last sixteen).
         for t in [1, 11] {
@@ -1390,8 +1464,9 @@ mod tests {
             for units in [false, true] {
                 let want = Prepared::new(&x, cols, (group, nibbles, Activations::Int8), units);
                 // SAFETY: checked above.
-                let got =
-                    unsafe { x86::prepare_int8_avx512(&x, cols, group, nibbles, units, false) };
+                let got = unsafe {
+                    x86::prepare_int8_avx512(&x, cols, group, nibbles, units, false, true)
+                };
                 let case = format!("{tokens}×{cols} g{group} nibbles {nibbles} units {units}");
                 assert_eq!(got.units, want.units, "{case}");
                 assert_eq!(*got.xq, *want.xq, "{case}");
@@ -1399,6 +1474,11 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got.dx), bits(&want.dx), "{case}");
                 assert_eq!(bits(&got.xsum), bits(&want.xsum), "{case}");
+                // Every token's codes also in nibble order (4-bit-order rows only), coarse then residual.
+                let plain = Prepared::new(&x, cols, (group, nibbles, Activations::Int8), false);
+                let rows = plain.xq.chunks_exact(cols).zip(plain.xr.chunks_exact(cols));
+                let xl: Vec<i8> = rows.flat_map(|(q, r)| q.iter().chain(r).copied()).collect();
+                assert_eq!(&*got.xl, if nibbles { &xl[..] } else { &[] }, "{case}");
             }
         }
     }

@@ -160,6 +160,18 @@ impl Dots for Avx512 {
         }
     }
     #[inline(always)]
+    fn int8_lanes(
+        m: &AffineMatrix,
+        px: &Prepared,
+        out: &Out,
+        rows: std::ops::Range<usize>,
+    ) -> usize {
+        // SAFETY: this set is only used where AVX-512 + VNNI exist; `xl` is prepared for int8 activations
+        // of 4-bit-order rows in groups of a multiple of 64 (`affine_rows` asks for 4-bit rows only).
+        unsafe { int8_lanes(m, px, out, rows) };
+        px.tokens
+    }
+    #[inline(always)]
     fn dot4_f32_xn<const N: usize>(
         row: &[u8],
         x: [&[f32]; N],
@@ -313,9 +325,14 @@ pub(super) unsafe fn prepare_int8_avx512(
     nibbles: bool,
     units: bool,
     exact: bool,
+    lanes: bool,
 ) -> Prepared {
     debug_assert!(group.is_multiple_of(64) && cols.is_multiple_of(group));
     let (n, tokens) = (x.len(), x.len() / cols);
+    // Also every token's codes in nibble order, not in units order (`Prepared::xl`).
+    let laned = lanes && nibbles && !exact;
+    let mut xl = Aligned::<i8>::zeroed(if laned { 2 * n } else { 0 });
+    let xlp = xl.as_mut_ptr();
     let units = units && nibbles && cols.is_multiple_of(UNIT);
     let groups = n / group;
     let (mut xq, mut xr) = (Aligned::<i8>::zeroed(n), Aligned::<i8>::zeroed(n));
@@ -397,9 +414,19 @@ pub(super) unsafe fn prepare_int8_avx512(
                     at + 16 * j
                 };
                 // SAFETY: `to + 16 <= n`.
+                let (hi8, lo8) = (_mm512_cvtsepi32_epi8(hi), _mm512_cvtsepi32_epi8(lo));
                 unsafe {
-                    _mm_storeu_si128(q.add(to) as *mut __m128i, _mm512_cvtsepi32_epi8(hi));
-                    _mm_storeu_si128(r.add(to) as *mut __m128i, _mm512_cvtsepi32_epi8(lo));
+                    _mm_storeu_si128(q.add(to) as *mut __m128i, hi8);
+                    _mm_storeu_si128(r.add(to) as *mut __m128i, lo8);
+                }
+                if laned {
+                    // Token `t`'s coarse codes, then its residual ones, in nibble order.
+                    let (t, c) = (at / cols, at % cols + 16 * j);
+                    // SAFETY: `2 · t · cols + cols + c + 16 <= 2n`.
+                    unsafe {
+                        _mm_storeu_si128(xlp.add(2 * t * cols + c) as *mut __m128i, hi8);
+                        _mm_storeu_si128(xlp.add(2 * t * cols + cols + c) as *mut __m128i, lo8);
+                    }
                 }
                 if exact {
                     let rest = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(lo), f, rest);
@@ -428,6 +455,7 @@ pub(super) unsafe fn prepare_int8_avx512(
         xsum,
         xt: Aligned::zeroed(0),
         xb: Aligned::zeroed(0),
+        xl,
     }
 }
 
@@ -1494,6 +1522,164 @@ unsafe fn units_pass<
         for (k, &r) in rows.iter().enumerate() {
             super::store(out, m.rows, r, t0 + t, sums[t * R + k]);
         }
+    }
+}
+
+/// int8 tokens ([`Prepared::xl`]) against 4-bit rows `rows`, sixteen rows per register: each block of
+/// sixteen rows is unpacked once into a tile holding, per 4-code word, the sixteen rows' four codes (a byte
+/// each); then per word and token one `vpdpbusd` takes the token's four coarse codes as a broadcast memory
+/// operand, another its residual ones. Per group and token the sums are converted once, scaled by the rows'
+/// scales and the token's step, and the bias term joins them. No shuffles, permutations or horizontal sums
+/// in the loop, and each output register is sixteen consecutive outputs of a token.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops::Range<usize>) {
+    let (cols, gpr, rb) = (m.cols, m.groups_per_row(), m.row_bytes());
+    let mut tile = Aligned::<u32>::zeroed(4 * cols);
+    let mut codes = Aligned::<u8>::zeroed(16 * cols);
+    let (mut sc, mut bi) = (vec![0f32; 16 * gpr], vec![0f32; 16 * gpr]);
+    // `[group, 16]`: the sixteen rows' scales and biases of each group.
+    let (mut sv, mut bv) = (vec![0f32; 16 * gpr], vec![0f32; 16 * gpr]);
+    let mut r = rows.start;
+    while r < rows.end {
+        let n = (rows.end - r).min(16);
+        m.rows_scales(r..r + n, &mut sc[..n * gpr], &mut bi[..n * gpr]);
+        for g in 0..gpr {
+            for k in 0..16 {
+                let (s, b) = if k < n {
+                    (sc[k * gpr + g], bi[k * gpr + g])
+                } else {
+                    (0.0, 0.0)
+                };
+                sv[16 * g + k] = s;
+                bv[16 * g + k] = b;
+            }
+        }
+        for k in 0..16 {
+            let dst = &mut codes[k * cols..(k + 1) * cols];
+            if k < n {
+                unsafe { unpack_nibbles(&m.packed[(r + k) * rb..(r + k + 1) * rb], dst) };
+            } else {
+                dst.fill(0);
+            }
+        }
+        // Sixteen words of the sixteen rows at a time, one 16 × 16 transpose.
+        for c in 0..cols / 64 {
+            let mut v = [_mm512_setzero_ps(); 16];
+            for (k, v) in v.iter_mut().enumerate() {
+                // SAFETY: bytes `64c..64c + 64` of row `k` of `codes`.
+                *v =
+                    unsafe { _mm512_loadu_ps(codes.as_ptr().add(k * cols + 64 * c) as *const f32) };
+            }
+            for (i, v) in transpose16(v).into_iter().enumerate() {
+                // SAFETY: word `16c + i < cols / 4` of the tile.
+                unsafe {
+                    _mm512_storeu_ps(tile.as_mut_ptr().add(16 * (16 * c + i)) as *mut f32, v)
+                };
+            }
+        }
+        let l = LaneRows {
+            tile: &tile,
+            sv: &sv,
+            bv: &bv,
+            cols,
+            group: m.group,
+            rows: m.rows,
+            r0: r,
+            mask: if n == 16 { 0xffff } else { (1 << n) - 1 },
+        };
+        let mut t = 0;
+        while t < px.tokens {
+            let tt = (px.tokens - t).min(8);
+            unsafe {
+                match tt {
+                    8 => lanes_pass::<8>(&l, px, out, t),
+                    7 => lanes_pass::<7>(&l, px, out, t),
+                    6 => lanes_pass::<6>(&l, px, out, t),
+                    5 => lanes_pass::<5>(&l, px, out, t),
+                    4 => lanes_pass::<4>(&l, px, out, t),
+                    3 => lanes_pass::<3>(&l, px, out, t),
+                    2 => lanes_pass::<2>(&l, px, out, t),
+                    _ => lanes_pass::<1>(&l, px, out, t),
+                }
+            }
+            t += tt;
+        }
+        r += n;
+    }
+}
+
+/// A block of sixteen rows as [`lanes_pass`] reads them (see [`int8_lanes`]).
+struct LaneRows<'a> {
+    /// Per 4-code word, the sixteen rows' codes: `[cols / 4, 16]`.
+    tile: &'a [u32],
+    /// Per group, the sixteen rows' scales and biases (zero past the last row).
+    sv: &'a [f32],
+    bv: &'a [f32],
+    cols: usize,
+    group: usize,
+    /// The matrix's rows, the block's first and the rows of the block that exist.
+    rows: usize,
+    r0: usize,
+    mask: __mmask16,
+}
+
+/// A packed 4-bit row to a byte per code in the order the int8 activations are prepared in (per 64 codes,
+/// the 32 low nibbles, then the 32 high ones).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn unpack_nibbles(packed: &[u8], out: &mut [u8]) {
+    assert!(packed.len().is_multiple_of(32) && out.len() >= 2 * packed.len());
+    let m = _mm256_set1_epi8(0x0f);
+    for (i, c) in packed.chunks_exact(32).enumerate() {
+        let v = unsafe { _mm256_loadu_si256(c.as_ptr() as *const _) };
+        let (lo, hi) = (
+            _mm256_and_si256(v, m),
+            _mm256_and_si256(_mm256_srli_epi16(v, 4), m),
+        );
+        // SAFETY: `64 · i + 64 <= 2 · packed.len() <= out.len()`.
+        unsafe {
+            _mm256_storeu_si256(out.as_mut_ptr().add(64 * i) as *mut _, lo);
+            _mm256_storeu_si256(out.as_mut_ptr().add(64 * i + 32) as *mut _, hi);
+        }
+    }
+}
+
+/// The block of rows `l` against tokens `t0..t0 + T`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn lanes_pass<const T: usize>(l: &LaneRows, px: &Prepared, out: &Out, t0: usize) {
+    let (words, gpr) = (l.group / 4, l.cols / l.group);
+    // Token `t`'s coarse codes as 4-code words; its residual ones follow, `cols / 4` words on.
+    let x: [*const i32; T] =
+        std::array::from_fn(|t| px.xl[2 * (t0 + t) * l.cols..].as_ptr() as *const i32);
+    let rw = l.cols / 4;
+    let mut acc = [_mm512_setzero_ps(); T];
+    for g in 0..gpr {
+        let (mut sq, mut sr) = ([_mm512_setzero_si512(); T], [_mm512_setzero_si512(); T]);
+        for w in g * words..(g + 1) * words {
+            let c = unsafe { _mm512_loadu_si512(l.tile.as_ptr().add(16 * w) as *const _) };
+            for t in 0..T {
+                // SAFETY: word `w < cols / 4` of token `t0 + t`'s two rows of codes.
+                let (q, r) = unsafe { (*x[t].add(w), *x[t].add(rw + w)) };
+                sq[t] = _mm512_dpbusd_epi32(sq[t], c, _mm512_set1_epi32(q));
+                sr[t] = _mm512_dpbusd_epi32(sr[t], c, _mm512_set1_epi32(r));
+            }
+        }
+        let s = unsafe { _mm512_loadu_ps(l.sv.as_ptr().add(16 * g)) };
+        let b = unsafe { _mm512_loadu_ps(l.bv.as_ptr().add(16 * g)) };
+        for t in 0..T {
+            let i = _mm512_add_epi32(slices_shift::<false>(sq[t]), sr[t]);
+            let v = _mm512_mul_ps(_mm512_cvtepi32_ps(i), s);
+            let (dx, xs) = (px.dx_of(t0 + t)[g], px.xsum_of(t0 + t)[g]);
+            acc[t] = _mm512_fmadd_ps(v, _mm512_set1_ps(dx), acc[t]);
+            acc[t] = _mm512_fmadd_ps(b, _mm512_set1_ps(xs), acc[t]);
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        let i = (t0 + t) * l.rows + l.r0;
+        debug_assert!(i + l.mask.count_ones() as usize <= out.len);
+        // SAFETY: outputs `(t0 + t, r0..r0 + n)` are in bounds, and these rows belong to this task alone.
+        unsafe { _mm512_mask_storeu_ps(out.ptr.add(i), l.mask, *a) };
     }
 }
 
