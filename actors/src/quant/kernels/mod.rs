@@ -608,9 +608,9 @@ trait Dots {
         0
     }
 
-    /// int8 activations of [`LANE_TOKENS`] or more tokens against rows `rows` of 4-bit matrix `m`, sixteen
-    /// rows per register, where this set has a kernel for it: it stores the outputs of the tokens from the
-    /// first and returns how many (0: none).
+    /// int8 activations of [`LANE_TOKENS`] or more tokens ([`LANE_TOKENS_WIDENED`] on 2/3-bit rows) against
+    /// rows `rows` of 4-bit-order matrix `m`, sixteen rows per register, where this set has a kernel for it:
+    /// it stores the outputs of the tokens from the first and returns how many (0: none).
     #[inline(always)]
     fn int8_lanes(
         _m: &AffineMatrix,
@@ -692,7 +692,12 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: PrepKey) -> Prepared {
                 nibbles,
                 units,
                 false,
-                x.len() / cols >= LANE_TOKENS,
+                x.len() / cols
+                    >= if packed4 {
+                        LANE_TOKENS
+                    } else {
+                        LANE_TOKENS_WIDENED
+                    },
             )
         },
         // f32 activations of fewer tokens than the tiles take, against 4-bit-order rows: three int8 slices,
@@ -814,6 +819,11 @@ const TILE_TOKENS: usize = 12;
 /// slower, at 12–16 the same.
 #[cfg(target_arch = "x86_64")]
 const LANE_TOKENS: usize = 16;
+/// [`LANE_TOKENS`] for 2- and 3-bit rows (widened with VBMI once per block of rows, not once per block of
+/// tokens as the unit-order kernel widens them): 3-bit, two threads, at 8 tokens 768×2048 +4–11 % and 2048×768
+/// +25–29 %, at 12 +20–45 %, at 64 tokens 2048×2048 ×1.5; at 4 tokens 8–18 % slower.
+#[cfg(target_arch = "x86_64")]
+const LANE_TOKENS_WIDENED: usize = 8;
 
 /// f32 tokens per call from which the AVX-512 tiles put sixteen tokens in each register (their whole sixteens;
 /// the register kernels take the rest) instead of summing the lanes of four-by-four blocks. Measured with two
@@ -835,7 +845,7 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     let first =
         if m.bits <= 4 && px.xq.is_empty() && (px.tokens >= TILE_TOKENS || !px.xb.is_empty()) {
             K::f32_tiles(m, px, out, r0..r1)
-        } else if m.bits == 4 && !px.xl.is_empty() {
+        } else if m.bits <= 4 && !px.xl.is_empty() {
             K::int8_lanes(m, px, out, r0..r1)
         } else {
             0
@@ -1364,26 +1374,32 @@ mod tests {
 
     #[test]
     fn int8_rows_in_lanes_agree_with_the_scalar_int8_reference() {
-        // From `LANE_TOKENS` int8 tokens on, AVX-512 takes 4-bit rows sixteen to a register (`x86::int8_lanes`):
+        // From `LANE_TOKENS` int8 tokens on (`LANE_TOKENS_WIDENED` for 2/3-bit rows), AVX-512 takes 4-bit rows
+        // (2/3-bit ones widened with VBMI) sixteen to a register (`x86::int8_lanes`):
         // blocks of 8 tokens and a tail (23 = 8 + 8 + 7, 40), 37 rows (two full blocks of sixteen and five),
         // columns that are and are not whole 256-code units, groups of 64 and 128, every scale type.
         #[cfg(target_arch = "x86_64")]
         if x86::has_avx512() {
-            let key = (64, true, Activations::Int8, true);
-            let laned = |t: usize| {
+            let laned = |t: usize, packed4: bool| {
+                let key = (64, true, Activations::Int8, packed4);
                 !prepare(Isa::Avx512, &activations(t * 256), 256, key)
                     .xl
                     .is_empty()
             };
-            assert!(laned(LANE_TOKENS) && !laned(LANE_TOKENS - 1));
+            assert!(laned(LANE_TOKENS, true) && !laned(LANE_TOKENS - 1, true));
+            assert!(laned(LANE_TOKENS_WIDENED, false) && !laned(LANE_TOKENS_WIDENED - 1, false));
         }
         let rows = 37;
-        for (t, cols) in [(16, 64), (23, 192), (40, 1280), (16, 2048)] {
+        // 9 tokens: 2/3-bit rows in lanes, 4-bit ones not.
+        let cases = [(9, 256), (16, 64), (23, 192), (40, 1280), (16, 2048)]
+            .into_iter()
+            .flat_map(|(t, c)| [4, 3, 2].map(|b| (t, c, b)));
+        for (t, cols, bits) in cases {
             let x = activations(t * cols);
             let groups = [64, 128].into_iter().filter(|g| cols % g == 0);
             let types = [ScaleType::F32, ScaleType::Bf16, ScaleType::F16];
             for (group, st) in groups.flat_map(|g| types.map(|st| (g, st))) {
-                let m = with_scale_type(&matrix(rows, cols, 4, group, 7), st);
+                let m = with_scale_type(&matrix(rows, cols, bits, group, 7), st);
                 let mut want = vec![0f32; t * rows];
                 affine_matmul_isa(Isa::Scalar, &m, &x, &mut want, Activations::Int8);
                 for isa in Isa::available() {
@@ -1392,7 +1408,7 @@ mod tests {
                     for (a, b) in y.iter().zip(&want) {
                         assert!(
                             (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                            "{isa:?} g {group} {st:?} cols {cols} t {t}: {a} vs {b}"
+                            "{isa:?} bits {bits} g {group} {st:?} cols {cols} t {t}: {a} vs {b}"
                         );
                     }
                 }

@@ -166,8 +166,12 @@ impl Dots for Avx512 {
         out: &Out,
         rows: std::ops::Range<usize>,
     ) -> usize {
+        // 2- and 3-bit rows are widened to the byte per code the tile holds with VBMI only.
+        if m.bits != 4 && !has_vbmi() {
+            return 0;
+        }
         // SAFETY: this set is only used where AVX-512 + VNNI exist; `xl` is prepared for int8 activations
-        // of 4-bit-order rows in groups of a multiple of 64 (`affine_rows` asks for 4-bit rows only).
+        // of 4-bit-order rows (4-bit, or 2/3-bit) in groups of a multiple of 64.
         unsafe { int8_lanes(m, px, out, rows) };
         px.tokens
     }
@@ -1525,9 +1529,9 @@ unsafe fn units_pass<
     }
 }
 
-/// int8 tokens ([`Prepared::xl`]) against 4-bit rows `rows`, sixteen rows per register: each block of
-/// sixteen rows is unpacked once into a tile holding, per 4-code word, the sixteen rows' four codes (a byte
-/// each); then per word and token one `vpdpbusd` takes the token's four coarse codes as a broadcast memory
+/// int8 tokens ([`Prepared::xl`]) against 4-bit rows `rows` (or 2/3-bit ones, widened with VBMI), sixteen
+/// rows per register: each block of sixteen rows is unpacked once into a tile holding, per 4-code word, the
+/// sixteen rows' four codes (a byte each); then per word and token one `vpdpbusd` takes the token's four coarse codes as a broadcast memory
 /// operand, another its residual ones. Per group and token the sums are converted once, scaled by the rows'
 /// scales and the token's step, and the bias term joins them. No shuffles, permutations or horizontal sums
 /// in the loop, and each output register is sixteen consecutive outputs of a token.
@@ -1556,8 +1560,12 @@ unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops:
         }
         for k in 0..16 {
             let dst = &mut codes[k * cols..(k + 1) * cols];
-            if k < n {
-                unsafe { unpack_nibbles(&m.packed[(r + k) * rb..(r + k + 1) * rb], dst) };
+            let packed = || &m.packed[(r + k) * rb..(r + k + 1) * rb];
+            if k < n && m.bits == 4 {
+                unsafe { unpack_nibbles(packed(), dst) };
+            } else if k < n {
+                // A byte per code in the same order (VBMI, checked by the caller).
+                Avx512::widen(packed(), m.bits, m.group, true, dst);
             } else {
                 dst.fill(0);
             }
