@@ -5,11 +5,12 @@
 mod common;
 use common::*;
 use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-/// A child process killed when dropped.
-struct Proc(Child);
+/// A child process killed when dropped, and the file its log goes to.
+struct Proc(Child, PathBuf);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -18,7 +19,15 @@ impl Drop for Proc {
     }
 }
 
-fn worker(placement: &std::path::Path, extra: &[&str], secret: &str) -> Proc {
+/// Worker `b` of `placement`; it logs at info level to `worker-b.log` beside the placement (appended, so a
+/// restarted worker's log follows the first one's).
+fn worker(placement: &Path, extra: &[&str], secret: &str) -> Proc {
+    let log = placement.with_file_name("worker-b.log");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
     let mut c = kimi();
     c.args([
         "node",
@@ -26,16 +35,18 @@ fn worker(placement: &std::path::Path, extra: &[&str], secret: &str) -> Proc {
         placement.to_str().unwrap(),
         "--name",
         "b",
+        "--log",
+        "info",
     ])
     .args(extra);
     c.env("KIMI_TEST_SECRET", secret)
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    Proc(c.spawn().unwrap())
+        .stderr(file);
+    Proc(c.spawn().unwrap(), log)
 }
 
 /// Runs `logits` as the head of placement `p` with `extra` arguments; it must fail: its stderr.
-fn head_fails(p: &std::path::Path, extra: &[&str]) -> String {
+fn head_fails(p: &Path, extra: &[&str]) -> String {
     let mut args = vec![
         "logits",
         "--placement",
@@ -50,7 +61,7 @@ fn head_fails(p: &std::path::Path, extra: &[&str]) -> String {
 }
 
 /// Points node `b` (the last node of `p`) at `model`.
-fn set_worker_model(p: &std::path::Path, model: &std::path::Path) {
+fn set_worker_model(p: &Path, model: &Path) {
     let text = std::fs::read_to_string(p).unwrap();
     let pos = text.rfind("model = ").unwrap();
     let line_end = pos + text[pos..].find('\n').unwrap();
@@ -136,8 +147,8 @@ fn a_worker_without_the_secret_cannot_join() {
 }
 
 /// Starts a long generation against worker `b`, waits for tokens, applies `fault` to the worker, and
-/// returns how long the head took to fail after it, with its error.
-fn fault_during_generation(mode: &str, fault: impl FnOnce(u32)) -> (Duration, String) {
+/// returns how long the head took to fail after it, with its error and the worker's log.
+fn fault_during_generation(mode: &str, fault: impl FnOnce(u32)) -> (Duration, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let p = two_node_placement(dir.path(), mode, &story_model(), "");
     let b = worker(&p, &[], SECRET);
@@ -179,34 +190,38 @@ fn fault_during_generation(mode: &str, fault: impl FnOnce(u32)) -> (Duration, St
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
+    let log = b.1.clone();
     drop(b);
-    (took, err)
+    (took, err, std::fs::read_to_string(log).unwrap_or_default())
 }
 
 #[test]
 fn killing_a_worker_mid_generation_fails_within_5_s() {
     for mode in ["expert-split", "layer-split"] {
-        let (took, err) = fault_during_generation(mode, |pid| {
+        let (took, err, log) = fault_during_generation(mode, |pid| {
             std::process::Command::new("kill")
                 .args(["-9", &pid.to_string()])
                 .status()
                 .unwrap();
         });
         assert!(took < Duration::from_secs(5), "{mode}: {took:?}");
-        assert!(err.contains("node `b` is down"), "{mode}: {err}");
+        assert!(
+            err.contains("node `b` is down"),
+            "{mode}: {err}\nworker b:\n{log}"
+        );
     }
 }
 
 #[test]
 fn a_frozen_worker_is_caught_by_the_heartbeat() {
-    let (took, err) = fault_during_generation("expert-split", |pid| {
+    let (took, err, log) = fault_during_generation("expert-split", |pid| {
         std::process::Command::new("kill")
             .args(["-STOP", &pid.to_string()])
             .status()
             .unwrap();
     });
     assert!(took < Duration::from_secs(5), "{took:?}");
-    assert!(err.contains("no heartbeat"), "{err}");
+    assert!(err.contains("no heartbeat"), "{err}\nworker b:\n{log}");
 }
 
 type Ws =

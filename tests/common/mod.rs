@@ -112,13 +112,22 @@ pub fn next_logits(model: &Model, id: u32, cache: &mut SequenceCache) -> Vec<f32
         .unwrap()
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released: a small race with other tests is accepted).
+/// A free TCP port on 127.0.0.1, never the same one twice in a test binary (the tests in it run in
+/// parallel, and the kernel may hand out a port just released). Bound and released: a small race with other
+/// processes' ephemeral ports is accepted.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Writes a two-node placement (`a` is the head, `b` a worker) on free ports; `extra` is appended.
