@@ -117,6 +117,17 @@ fn quantized(
     let a = (3.0 / inp as f32).sqrt();
     let levels = ((1u32 << bits) - 1) as f32;
     let shape = |last: usize| -> Vec<usize> { lead.iter().copied().chain([out, last]).collect() };
+    // mlx-lm's conversion leaves a layer whose input does not split into whole groups unquantized (the
+    // tiny shape's 64-wide inputs at group 128): bf16 values of the same spread, `±a` uniform.
+    if !inp.is_multiple_of(group) {
+        specs.push(Spec {
+            name: format!("{name}.weight"),
+            dtype: "BF16",
+            shape: shape(inp),
+            fill: Fill::Normal(a / 3f32.sqrt()),
+        });
+        return;
+    }
     specs.push(Spec {
         name: format!("{name}.weight"),
         dtype: "U32",
@@ -424,6 +435,7 @@ fn splitmix(s: &mut u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use safetensors::tensor::Dtype;
 
     #[test]
     fn bench_shape_is_make_bench_model_py() {
@@ -449,20 +461,39 @@ mod tests {
         assert!((2.50..2.56).contains(&gb), "{gb} GB");
     }
 
+    /// Group 128 leaves the tiny shape's 64-wide inputs (`q_b_proj`, `embed_q`, `unembed_out`, the experts'
+    /// `down_proj`) in bf16, as mlx-lm would; the checkpoint must still load and run.
     #[test]
-    fn synthesized_tiny_model_loads_and_runs() {
-        let dir = tempfile::tempdir().unwrap();
+    fn synthesized_tiny_models_load_and_run() {
+        for (bits, group) in [(3, 32), (5, 128)] {
+            let dir = tempfile::tempdir().unwrap();
+            tiny_loads_and_runs(dir.path(), bits, group);
+            let w = crate::weights::Weights::open(dir.path()).unwrap();
+            let down = w
+                .ckpt
+                .get("model.layers.1.mlp.switch_mlp.down_proj.weight")
+                .unwrap();
+            let want = if group == 128 {
+                Dtype::BF16
+            } else {
+                Dtype::U32
+            };
+            assert_eq!(down.dtype, want, "bits {bits} group {group}");
+        }
+    }
+
+    fn tiny_loads_and_runs(dir: &Path, bits: u32, group: usize) {
         let o = SynthOptions {
             shape: Shape::Tiny,
             layers: Some(2),
             experts: Some(8),
-            bits: 3,
-            group: 32,
+            bits,
+            group,
             seed: 9,
         };
         let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/models/tiny-kimi-story");
-        write(dir.path(), &o, &tok, |_| {}).unwrap();
-        let w = crate::weights::Weights::open(dir.path()).unwrap();
+        write(dir, &o, &tok, |_| {}).unwrap();
+        let w = crate::weights::Weights::open(dir).unwrap();
         assert_eq!(
             (
                 w.config.num_hidden_layers,
