@@ -76,7 +76,14 @@ async fn echo_peer(cluster_port: u16, data_port: u16) {
     let l = tokio::net::TcpListener::bind(("127.0.0.1", data_port))
         .await
         .expect("the data port");
-    link::serve(l, COOKIE.into(), Arc::new(EchoLink)).await;
+    link::serve(l, "echo".into(), trust(), Arc::new(EchoLink)).await;
+}
+
+fn trust() -> link::Trust {
+    link::Trust {
+        secret: COOKIE.into(),
+        plan: "bench".into(),
+    }
 }
 
 fn free_port() -> u16 {
@@ -117,7 +124,7 @@ fn main() {
                 break ActorRef::<EchoMsg>::from(c);
             }
         };
-        let link = Link::connect("echo", &format!("127.0.0.1:{dport}"), "bench", COOKIE)
+        let link = Link::connect("echo", &format!("127.0.0.1:{dport}"), "bench", &trust())
             .await
             .expect("the data link");
         (remote, link)

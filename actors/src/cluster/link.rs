@@ -1,6 +1,7 @@
 //! The data link: one TCP connection per node pair carrying hidden states, length-delimited frames
-//! (tokio-util) of rkyv messages. The connecting side (the head) proves the shared secret against a nonce,
-//! multiplexes requests by id, and sends a heartbeat every second: a peer silent for 3 s is declared down
+//! (tokio-util) of rkyv messages. The connecting side (the head) proves the shared secret and the placement
+//! (its hash) against a nonce, and the serving side names itself, so a link never reaches a node of another
+//! cluster or another node of this one; the head then multiplexes requests by id, and sends a heartbeat every second: a peer silent for 3 s is declared down
 //! and every pending request fails at once (ractor_cluster only notices a dead peer when a write fails).
 
 use super::wire::{self, Frame, Reply, Request};
@@ -27,13 +28,28 @@ fn codec() -> LengthDelimitedCodec {
         .new_codec()
 }
 
-/// `SHA-256(nonce ‖ secret ‖ node)`.
-fn proof(nonce: &[u8], secret: &str, node: &str) -> Vec<u8> {
-    let mut h = Sha256::new();
-    h.update(nonce);
-    h.update(secret.as_bytes());
-    h.update(node.as_bytes());
-    h.finalize().to_vec()
+/// What both ends of a data link must share: the cluster's secret and the hash of its placement.
+#[derive(Clone, Debug)]
+pub struct Trust {
+    pub secret: String,
+    pub plan: String,
+}
+
+impl Trust {
+    /// `SHA-256` of the nonce, the secret, the plan hash and the calling node, each length-prefixed.
+    fn proof(&self, nonce: &[u8], node: &str) -> Vec<u8> {
+        let mut h = Sha256::new();
+        for part in [
+            nonce,
+            self.secret.as_bytes(),
+            self.plan.as_bytes(),
+            node.as_bytes(),
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        h.finalize().to_vec()
+    }
 }
 
 /// Traffic of one link, for `bench`.
@@ -59,8 +75,9 @@ pub struct Link {
 }
 
 impl Link {
-    /// Connects to `node`'s data address, proves the secret (as `me`), and starts the link's tasks.
-    pub async fn connect(node: &str, address: &str, me: &str, secret: &str) -> Result<Arc<Link>> {
+    /// Connects to `node`'s data address, proves the secret and the placement (as `me`), checks that the
+    /// node there is `node`, and starts the link's tasks.
+    pub async fn connect(node: &str, address: &str, me: &str, trust: &Trust) -> Result<Arc<Link>> {
         let fail =
             |m: String| Error::Cluster(format!("data link to node `{node}` at {address}: {m}"));
         let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(address))
@@ -78,7 +95,7 @@ impl Link {
         };
         let hello = Frame::Hello {
             node: me.to_string(),
-            proof: proof(&nonce, secret, me),
+            proof: trust.proof(&nonce, me),
         };
         framed
             .send(wire::encode(&hello)?)
@@ -88,7 +105,12 @@ impl Link {
             .await
             .map_err(|e| fail(e.to_string()))?
         {
-            Frame::Welcome => {}
+            Frame::Welcome { node: there } if there == node => {}
+            Frame::Welcome { node: there } => {
+                return Err(fail(format!(
+                    "that address serves node `{there}` (check the placement's data addresses)"
+                )));
+            }
             Frame::Refused { reason } => return Err(fail(format!("refused: {reason}"))),
             other => return Err(fail(format!("unexpected {other:?}"))),
         }
@@ -263,8 +285,9 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, req: Request) -> futures::future::BoxFuture<'static, Reply>;
 }
 
-/// Accepts data links on `listener`; a peer that fails the secret check is refused and logged.
-pub async fn serve(listener: TcpListener, secret: String, handler: Arc<dyn Handler>) {
+/// Accepts data links to node `me` on `listener`; a peer that fails the check of the secret and the placement
+/// is refused and logged.
+pub async fn serve(listener: TcpListener, me: String, trust: Trust, handler: Arc<dyn Handler>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -273,10 +296,10 @@ pub async fn serve(listener: TcpListener, secret: String, handler: Arc<dyn Handl
                 continue;
             }
         };
-        let (secret, handler) = (secret.clone(), handler.clone());
+        let (me, trust, handler) = (me.clone(), trust.clone(), handler.clone());
         tokio::spawn(
             async move {
-                if let Err(e) = serve_one(stream, &secret, handler).await {
+                if let Err(e) = serve_one(stream, &me, &trust, handler).await {
                     tracing::warn!(%peer, error = %e, "data link closed");
                 }
             }
@@ -285,7 +308,12 @@ pub async fn serve(listener: TcpListener, secret: String, handler: Arc<dyn Handl
     }
 }
 
-async fn serve_one(stream: TcpStream, secret: &str, handler: Arc<dyn Handler>) -> Result<()> {
+async fn serve_one(
+    stream: TcpStream,
+    me: &str,
+    trust: &Trust,
+    handler: Arc<dyn Handler>,
+) -> Result<()> {
     stream
         .set_nodelay(true)
         .map_err(|e| Error::Cluster(e.to_string()))?;
@@ -302,16 +330,19 @@ async fn serve_one(stream: TcpStream, secret: &str, handler: Arc<dyn Handler>) -
         Frame::Hello { node, proof } => (node, proof),
         other => return Err(Error::Cluster(format!("expected hello, got {other:?}"))),
     };
-    if p != proof(&nonce, secret, &node) {
-        tracing::warn!(peer = node, "refused a peer without the shared secret");
+    if p != trust.proof(&nonce, &node) {
+        tracing::warn!(
+            peer = node,
+            "refused a peer without the shared secret or with another placement"
+        );
         let refused = Frame::Refused {
-            reason: "wrong shared secret".into(),
+            reason: "wrong shared secret, or another placement".into(),
         };
         framed.send(wire::encode(&refused)?).await.map_err(io)?;
         return Ok(());
     }
     framed
-        .send(wire::encode(&Frame::Welcome)?)
+        .send(wire::encode(&Frame::Welcome { node: me.into() })?)
         .await
         .map_err(io)?;
     tracing::info!(peer = node, "data link up");
@@ -366,10 +397,18 @@ mod tests {
         }
     }
 
-    async fn server(secret: &str) -> String {
+    fn trust(secret: &str, plan: &str) -> Trust {
+        Trust {
+            secret: secret.into(),
+            plan: plan.into(),
+        }
+    }
+
+    /// Node `b` of placement `p1` with secret `s3cret`.
+    async fn server() -> String {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
-        tokio::spawn(serve(l, secret.to_string(), Arc::new(Echo)));
+        tokio::spawn(serve(l, "b".into(), trust("s3cret", "p1"), Arc::new(Echo)));
         addr
     }
 
@@ -384,8 +423,10 @@ mod tests {
 
     #[tokio::test]
     async fn round_trip_with_the_secret_and_refusal_without() {
-        let addr = server("s3cret").await;
-        let link = Link::connect("b", &addr, "head", "s3cret").await.unwrap();
+        let addr = server().await;
+        let link = Link::connect("b", &addr, "head", &trust("s3cret", "p1"))
+            .await
+            .unwrap();
         let r = link.call(req()).await.unwrap();
         assert_eq!(
             r,
@@ -395,7 +436,7 @@ mod tests {
             }
         );
         assert_eq!(link.stats.messages.load(Ordering::Relaxed), 1);
-        let e = Link::connect("b", &addr, "head", "wrong")
+        let e = Link::connect("b", &addr, "head", &trust("wrong", "p1"))
             .await
             .err()
             .unwrap();
@@ -403,6 +444,28 @@ mod tests {
             e.to_string().contains("refused: wrong shared secret"),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_head_of_another_placement_or_the_wrong_node_is_refused() {
+        let addr = server().await;
+        // The right secret from a head of another placement (another cluster sharing the secret).
+        let e = Link::connect("b", &addr, "head", &trust("s3cret", "p2"))
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("or another placement"), "{e}");
+        // The right cluster, but the address serves `b` where the head expects `c`.
+        let e = Link::connect("c", &addr, "head", &trust("s3cret", "p1"))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string()
+                .contains("data link to node `c` at 127.0.0.1:"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("serves node `b`"), "{e}");
     }
 
     #[tokio::test]
@@ -417,13 +480,15 @@ mod tests {
                 .await
                 .unwrap();
             let _ = f.next().await;
-            f.send(wire::encode(&Frame::Welcome).unwrap())
+            f.send(wire::encode(&Frame::Welcome { node: "b".into() }).unwrap())
                 .await
                 .unwrap();
             tokio::time::sleep(Duration::from_secs(30)).await;
             drop(f);
         });
-        let link = Link::connect("b", &addr, "head", "x").await.unwrap();
+        let link = Link::connect("b", &addr, "head", &trust("x", "p"))
+            .await
+            .unwrap();
         let t = Instant::now();
         let e = link.call(req()).await.unwrap_err();
         assert!(e.to_string().contains("no heartbeat"), "{e}");

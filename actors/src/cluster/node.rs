@@ -435,7 +435,12 @@ pub async fn run_node(plan: Plan, name: &str, opts: LoadOptions, progress: Progr
                 secs = shard.secs,
                 "loaded"
             );
-            link::serve(listener, secret, Arc::new(ShardHandler(Arc::new(shard)))).await;
+            let trust = link::Trust {
+                secret,
+                plan: plan.hash(),
+            };
+            let handler = Arc::new(ShardHandler(Arc::new(shard)));
+            link::serve(listener, name.to_string(), trust, handler).await;
             Ok(())
         }
         Err(e) => {

@@ -4,7 +4,7 @@
 //! reconnects it when it comes back.
 
 use super::control::{Hello, NodeControl, Status};
-use super::link::Link;
+use super::link::{Link, Trust};
 use super::node::{
     NODES_GROUP, Progress, Shard, control_name, load_shard, secret, start_node_server,
 };
@@ -56,7 +56,7 @@ struct Connector {
     plan: Plan,
     server: ActorRef<NodeServerMessage>,
     hello: String,
-    secret: String,
+    trust: Trust,
 }
 
 impl Runtime {
@@ -82,7 +82,10 @@ impl Runtime {
                 plan: plan.clone(),
                 server: s.clone(),
                 hello: serde_json::to_string(&hello).unwrap_or_default(),
-                secret: secret.clone(),
+                trust: Trust {
+                    secret: secret.clone(),
+                    plan: plan.hash(),
+                },
             })
         });
         // Every node loads at once: ours here, theirs in their processes while we connect.
@@ -417,7 +420,7 @@ impl Connector {
             &n.name,
             &n.data_address,
             &self.plan.nodes[0].name,
-            &self.secret,
+            &self.trust,
         )
         .await?;
         tracing::info!(

@@ -10,12 +10,15 @@ pub enum Frame {
     Challenge {
         nonce: Vec<u8>,
     },
-    /// Client → server: who calls, and `SHA-256(nonce ‖ secret ‖ node)`.
+    /// Client → server: who calls, and the proof of the secret and the placement (`link::Trust`).
     Hello {
         node: String,
         proof: Vec<u8>,
     },
-    Welcome,
+    /// Server → client: accepted, by node `node`.
+    Welcome {
+        node: String,
+    },
     Refused {
         reason: String,
     },
