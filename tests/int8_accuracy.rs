@@ -6,8 +6,9 @@ mod common;
 use common::*;
 use engine::generate::argmax;
 use engine::model::Model;
-use engine::quant::kernels::Activations;
-use engine::weights::{LoadOptions, Weights};
+use engine::model::linear::Linear;
+use engine::quant::kernels::{Activations, Isa};
+use engine::weights::{LoadOptions, QuantizeTo, Weights};
 
 const TOLERANCE: f32 = 0.05;
 const MARGIN: f32 = 0.1;
@@ -67,4 +68,54 @@ fn story_mlx_mixed() {
         "tiny-kimi-story-logits-reference.json",
         "mlx_mixed",
     );
+}
+
+/// `--quantize q4 --activations int8` on the bf16 fixture: on AVX-512 + VNNI the MLPs' matrices are stored in
+/// lanes at load (and the attention's are not), and the int8 path stays within the bound of the f32 path on
+/// the same quantized weights, prefill and decode.
+#[test]
+fn quantized_at_load_mlps_in_lanes() {
+    let open = |activations| {
+        let opts = LoadOptions {
+            activations,
+            quantize: Some(QuantizeTo::Q4),
+            ..LoadOptions::default()
+        };
+        Weights::open_with(&fixture("tiny-kimi-bf16"), opts).unwrap()
+    };
+    let (exact, fast) = (open(Activations::F32), open(Activations::Int8));
+    let lanes = |w: &Weights, module: &str, rows, cols| match w.matrix(module, rows, cols).unwrap()
+    {
+        Linear::Affine(m) => m.lanes,
+        _ => panic!("{module}: not quantized"),
+    };
+    let avx512 = matches!(Isa::detect(), Isa::Avx512 | Isa::Amx);
+    assert_eq!(
+        lanes(&fast, "model.layers.0.mlp.gate_proj", 256, 128),
+        avx512
+    );
+    assert!(!lanes(&exact, "model.layers.0.mlp.gate_proj", 256, 128));
+    assert!(!lanes(&fast, "model.layers.0.self_attn.o_proj", 128, 256));
+
+    let (exact, fast) = (
+        Model::load(&exact, |_| {}).unwrap(),
+        Model::load(&fast, |_| {}).unwrap(),
+    );
+    let prompt: Vec<u32> = (0..23).map(|i| (i * 37 + 5) % 900).collect();
+    let (mut ce, mut cf) = (exact.new_cache().unwrap(), fast.new_cache().unwrap());
+    let rows =
+        |m: &Model, c| -> Vec<Vec<f32>> { m.logits(&prompt, c, true).unwrap().to_vec2().unwrap() };
+    let (want, got) = (rows(&exact, &mut ce), rows(&fast, &mut cf));
+    let mut worst = 0f32;
+    for (w, g) in want.iter().zip(&got) {
+        worst = worst.max(check_row(g, w, "q4 prefill"));
+    }
+    for id in [3, 141, 59, 26] {
+        let (w, g) = (
+            next_logits(&exact, id, &mut ce),
+            next_logits(&fast, id, &mut cf),
+        );
+        worst = worst.max(check_row(&g, &w, "q4 decode"));
+    }
+    eprintln!("q4: int8 path max |Δ| from f32 = {worst:.4}");
 }

@@ -38,6 +38,7 @@ fn mlx_packed_weights_dequantize_and_multiply_like_mlx() {
             biases: Buf::owned(f32_bytes(&c["biases"])),
             scale_type: ScaleType::F32,
             activations: Activations::F32,
+            lanes: false,
         };
         let d = max_abs_diff(&m.dequantize(), &floats(&c["dequantized"]));
         assert!(d < 1e-5, "bits {bits} group {group}: dequantize off by {d}");

@@ -45,6 +45,10 @@ pub struct AffineMatrix {
     pub scale_type: ScaleType,
     /// f32 (exact) or int8 (fast) activations.
     pub activations: Activations,
+    /// 4-bit rows stored at load sixteen to a block in the order of the rows-in-lanes kernel, with their
+    /// scales and biases per block and group (`kernels::lanes_layout`): only the AVX-512 + VNNI int8 kernel
+    /// reads such a matrix.
+    pub lanes: bool,
 }
 
 impl AffineMatrix {
@@ -184,6 +188,7 @@ impl AffineMatrix {
             biases: Buf::owned(biases),
             scale_type: ScaleType::F32,
             activations: Activations::F32,
+            lanes: false,
         }
     }
 }

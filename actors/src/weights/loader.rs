@@ -8,7 +8,7 @@ use crate::model::linear::Linear;
 use crate::quant::affine::{AffineMatrix, ScaleType};
 use crate::quant::bf16::Bf16Matrix;
 use crate::quant::fp8;
-use crate::quant::kernels::Activations;
+use crate::quant::kernels::{self, Activations};
 use crate::weights::checkpoint::{
     Checkpoint, MappedBytes, TensorView, floats_from_bytes, to_f32_vec,
 };
@@ -172,7 +172,7 @@ impl Weights {
                 let f: Vec<f32> = l.to_f32()?;
                 let mut m = AffineMatrix::quantize(&f, rows, cols, q.bits(), 64);
                 m.activations = self.options.activations;
-                Linear::Affine(m)
+                Linear::Affine(self.in_lanes(module, &m)?.unwrap_or(m))
             }
             (l, _) => l,
         };
@@ -247,18 +247,59 @@ impl Weights {
         let sb = rows * groups * st.size();
         let pb = rows * packed_cols * 4;
         let i = slot.index;
+        let (packed, scales, biases) = (
+            w.bytes.slice(i * pb..(i + 1) * pb),
+            scales.bytes.slice(i * sb..(i + 1) * sb),
+            biases.bytes.slice(i * sb..(i + 1) * sb),
+        );
         let m = AffineMatrix {
             rows,
             cols,
             bits: params.bits,
             group: params.group_size,
-            packed: self.keep(w.bytes.slice(i * pb..(i + 1) * pb))?,
-            scales: self.keep(scales.bytes.slice(i * sb..(i + 1) * sb))?,
-            biases: self.keep(biases.bytes.slice(i * sb..(i + 1) * sb))?,
+            packed: Buf::Mapped(packed.clone()),
+            scales: Buf::Mapped(scales.clone()),
+            biases: Buf::Mapped(biases.clone()),
             scale_type: st,
             activations: self.options.activations,
+            lanes: false,
         };
-        Ok(m)
+        if let Some(m) = self.in_lanes(module, &m)? {
+            return Ok(m);
+        }
+        Ok(AffineMatrix {
+            packed: self.keep(packed)?,
+            scales: self.keep(scales)?,
+            biases: self.keep(biases)?,
+            ..m
+        })
+    }
+
+    /// The MLPs' 4-bit matrices (experts, shared experts, dense layers) stored in the order of the int8 kernel
+    /// with rows in lanes, where this CPU has it ([`kernels::lanes_apply`]); `None` for the others.
+    fn in_lanes(&self, module: &str, m: &AffineMatrix) -> Result<Option<AffineMatrix>> {
+        if !(module.contains(".mlp.") && kernels::lanes_apply(m)) {
+            return Ok(None);
+        }
+        let (codes, scales) = kernels::lanes_sizes(m);
+        Ok(Some(AffineMatrix {
+            packed: self.made(codes, |d| kernels::lanes_codes(m, d))?,
+            scales: self.made(scales, |d| kernels::lanes_scales(m, &m.scales, d))?,
+            biases: self.made(scales, |d| kernels::lanes_scales(m, &m.biases, d))?,
+            lanes: true,
+            ..m.clone()
+        }))
+    }
+
+    /// `n` bytes the loader makes (zeroed, then written by `f`): resident, on huge pages, unless weights are
+    /// served from the mapped files.
+    fn made(&self, n: usize, f: impl FnOnce(&mut [u8])) -> Result<Buf> {
+        if self.options.map_weights {
+            let mut v = vec![0; n];
+            f(&mut v);
+            return Ok(Buf::owned(v));
+        }
+        Ok(Buf::Resident(self.arena.fill(n, f)?))
     }
 
     /// Weight bytes as the matmuls will read them: a resident copy, or (`map_weights`) the mapped range,

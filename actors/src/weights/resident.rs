@@ -62,11 +62,15 @@ impl Chunk {
 impl Arena {
     /// A resident copy of `bytes`, 64-byte aligned.
     pub fn copy(&self, bytes: &[u8]) -> Result<ResidentBytes> {
-        let n = bytes.len();
+        self.fill(bytes.len(), |dst| dst.copy_from_slice(bytes))
+    }
+
+    /// `n` resident bytes, 64-byte aligned, written by `f` (it is given them zeroed).
+    pub fn fill(&self, n: usize, f: impl FnOnce(&mut [u8])) -> Result<ResidentBytes> {
         if n > CHUNK / 4 {
             let chunk = Arc::new(Chunk::new(n)?);
-            // SAFETY: a new chunk of `n` bytes that nothing else refers to yet.
-            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), chunk.base, n) };
+            // SAFETY: a new chunk of `n` bytes (fresh anonymous pages) that nothing else refers to yet.
+            f(unsafe { std::slice::from_raw_parts_mut(chunk.base, n) });
             return Ok(ResidentBytes { chunk, range: 0..n });
         }
         let mut current = self
@@ -82,8 +86,9 @@ impl Arena {
         };
         let at = used.next_multiple_of(64);
         // SAFETY: `at..at + n` lies above every range handed out so far (the fill mark only grows, under
-        // the lock) and inside the mapping, so no reader sees these bytes change.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), chunk.base.add(at), n) };
+        // the lock; the pages above it were never written) and inside the mapping, so no reader sees these
+        // bytes change.
+        f(unsafe { std::slice::from_raw_parts_mut(chunk.base.add(at), n) });
         *used = at + n;
         Ok(ResidentBytes {
             chunk: chunk.clone(),

@@ -402,19 +402,20 @@ impl Weight<'_> {
         }
     }
 
-    /// What the prepared activations depend on: group size, 4-bit permutation, activation path; and whether
+    /// What the prepared activations depend on: group size, 4-bit permutation, activation path; whether
     /// the rows are 4-bit as stored, which one token's int8 slices on AVX-512 meet in unit order (2- and
-    /// 3-bit rows, widened on every read, keep the four-row kernel).
+    /// 3-bit rows, widened on every read, keep the four-row kernel); and whether they are stored in lanes
+    /// ([`AffineMatrix::lanes`]), which takes every token's codes in nibble order.
     fn prep_key(&self) -> PrepKey {
         match self {
-            Weight::Affine(m) => (m.group, m.bits <= 4, m.activations, m.bits == 4),
-            Weight::Bf16(m) => (m.cols, false, Activations::F32, false),
+            Weight::Affine(m) => (m.group, m.bits <= 4, m.activations, m.bits == 4, m.lanes),
+            Weight::Bf16(m) => (m.cols, false, Activations::F32, false, false),
         }
     }
 }
 
 /// See [`Weight::prep_key`].
-type PrepKey = (usize, bool, Activations, bool);
+type PrepKey = (usize, bool, Activations, bool, bool);
 
 /// One matrix application of a [`matmul_many`] call: `y[t, rows] = x[t, cols] · Wᵀ`.
 pub struct Job<'a> {
@@ -500,9 +501,14 @@ pub fn matmul_many(isa: Isa, jobs: &mut [Job]) {
     for (ji, j) in jobs.iter().enumerate() {
         // Whole blocks of four rows (the one-token kernels' passes), so each row's arithmetic, and its result
         // to the bit, does not depend on how a call is split.
+        // Rows stored in lanes: whole blocks of sixteen.
+        let whole = match j.w {
+            Weight::Affine(m) if m.lanes => 16,
+            _ => 4,
+        };
         let per = (task_bytes / j.w.row_bytes().max(1))
-            .next_multiple_of(4)
-            .clamp(4, j.w.rows().max(4));
+            .next_multiple_of(whole)
+            .clamp(whole, j.w.rows().max(whole));
         for r0 in (0..j.w.rows()).step_by(per) {
             tasks.push((ji, r0, (r0 + per).min(j.w.rows())));
         }
@@ -621,6 +627,19 @@ trait Dots {
         0
     }
 
+    /// int8 activations of any number of tokens against rows `rows` (whole blocks of sixteen from the
+    /// first) of a matrix stored in lanes ([`AffineMatrix::lanes`]); false where this set has no kernel
+    /// for it.
+    #[inline(always)]
+    fn int8_lanes_stored(
+        _m: &AffineMatrix,
+        _px: &Prepared,
+        _out: &Out,
+        _rows: std::ops::Range<usize>,
+    ) -> bool {
+        false
+    }
+
     /// [`Dots::dot4_f32`] for `N` tokens at once.
     #[inline(always)]
     fn dot4_f32_xn<const N: usize>(
@@ -674,13 +693,13 @@ fn run_rows(isa: Isa, w: Weight, px: &Prepared, out: &Out, r0: usize, r1: usize)
 }
 
 fn prepare(isa: Isa, x: &[f32], cols: usize, key: PrepKey) -> Prepared {
-    let (group, nibbles, act, packed4) = key;
+    let (group, nibbles, act, packed4, lanes) = key;
     let base = (group, nibbles, act);
     // Int8 slices in unit order (where the columns allow) for several tokens, and for one against 4-bit
     // rows: the several-token kernel's two rows per pass there need ~0.75 of the four-row kernel's time
     // (one 768×2048 matrix in L2, one thread, f32 and int8).
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-    let units = x.len() / cols >= 2 || packed4;
+    let units = (x.len() / cols >= 2 || packed4) && !lanes;
     match isa {
         // SAFETY: as in `run_rows`.
         #[cfg(target_arch = "x86_64")]
@@ -692,12 +711,13 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: PrepKey) -> Prepared {
                 nibbles,
                 units,
                 false,
-                x.len() / cols
-                    >= if packed4 {
-                        LANE_TOKENS
-                    } else {
-                        LANE_TOKENS_WIDENED
-                    },
+                lanes
+                    || x.len() / cols
+                        >= if packed4 {
+                            LANE_TOKENS
+                        } else {
+                            LANE_TOKENS_WIDENED
+                        },
             )
         },
         // f32 activations of fewer tokens than the tiles take, against 4-bit-order rows: three int8 slices,
@@ -825,6 +845,70 @@ const LANE_TOKENS: usize = 16;
 #[cfg(target_arch = "x86_64")]
 const LANE_TOKENS_WIDENED: usize = 8;
 
+/// Whether the loader stores `m`'s rows in lanes ([`AffineMatrix::lanes`]): 4-bit rows in groups of a multiple
+/// of 64, int8 activations, on a CPU with AVX-512 + VNNI. The rows-in-lanes kernel then takes all of its
+/// tokens, from one (decode) up, with no tile to build per call.
+pub fn lanes_apply(m: &AffineMatrix) -> bool {
+    m.bits == 4
+        && m.group.is_multiple_of(64)
+        && m.cols.is_multiple_of(m.group)
+        && m.activations == Activations::Int8
+        && matches!(Isa::detect(), Isa::Avx512 | Isa::Amx)
+}
+
+/// Bytes of `m`'s codes and of its scales (or biases) stored in lanes ([`lanes_codes`], [`lanes_scales`]).
+pub fn lanes_sizes(m: &AffineMatrix) -> (usize, usize) {
+    let blocks = m.rows.div_ceil(16);
+    (
+        blocks * 8 * m.cols,
+        blocks * 16 * m.groups_per_row() * m.scale_type.size(),
+    )
+}
+
+/// `m`'s codes in the order of [`AffineMatrix::lanes`] into `dst` (zeroed, [`lanes_sizes`]): rows in blocks of
+/// sixteen (the last padded with zero rows); per block and pair of 4-code words (eight codes in the nibble
+/// order the int8 activations are prepared in), 64 bytes, row `k`'s two words in the low and high nibbles of
+/// bytes `4k..4k + 4`.
+pub fn lanes_codes(m: &AffineMatrix, dst: &mut [u8]) {
+    debug_assert!(m.bits == 4 && m.cols.is_multiple_of(64) && dst.len() == lanes_sizes(m).0);
+    let (cols, rb) = (m.cols, m.row_bytes());
+    let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    for (r, row) in m.packed.chunks_exact(rb).enumerate() {
+        let (b, k) = (r / 16, r % 16);
+        let block = &mut dst[b * 8 * cols..(b + 1) * 8 * cols];
+        // A 64-code chunk is 32 bytes, two codes each (the even code in the low nibble). In nibble order its
+        // words 0–7 are the low nibbles of bytes 0–31 and words 8–15 the high ones: pair `q` (words `2q`,
+        // `2q + 1`) is bytes `8q..8q + 8` for `q < 4` (low nibbles), else bytes `8(q - 4)..` (high ones).
+        for (c, src) in row.chunks_exact(32).enumerate() {
+            for q in 0..8 {
+                let at = 8 * (q % 4);
+                let (a, h) = (word(&src[at..]), word(&src[at + 4..]));
+                let v = if q < 4 {
+                    (a & 0x0f0f_0f0f) | (h & 0x0f0f_0f0f) << 4
+                } else {
+                    (a >> 4 & 0x0f0f_0f0f) | (h & 0xf0f0_f0f0)
+                };
+                let to = 64 * (8 * c + q) + 4 * k;
+                block[to..to + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// `m`'s scales or biases (`src`, row-major) in the order of [`AffineMatrix::lanes`] into `dst` (zeroed,
+/// [`lanes_sizes`]): per block of sixteen rows and group, the sixteen rows' values in `m`'s scale type.
+pub fn lanes_scales(m: &AffineMatrix, src: &[u8], dst: &mut [u8]) {
+    let (gpr, size) = (m.groups_per_row(), m.scale_type.size());
+    debug_assert!(src.len() == m.rows * gpr * size && dst.len() == lanes_sizes(m).1);
+    for (r, row) in src.chunks_exact(gpr * size).enumerate() {
+        let (b, k) = (r / 16, r % 16);
+        for (g, v) in row.chunks_exact(size).enumerate() {
+            let to = ((b * gpr + g) * 16 + k) * size;
+            dst[to..to + size].copy_from_slice(v);
+        }
+    }
+}
+
 /// f32 tokens per call from which the AVX-512 tiles put sixteen tokens in each register (their whole sixteens;
 /// the register kernels take the rest) instead of summing the lanes of four-by-four blocks. Measured with two
 /// threads on sixteen 768×2048 and 2048×768 matrices: at 16 and 32 tokens the lanes were 10–20 % slower, at
@@ -841,6 +925,14 @@ const AMX_TOKENS: usize = amx::TOKENS_PER_TILE;
 
 #[inline(always)]
 fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r1: usize) {
+    if m.lanes {
+        // `lanes_apply` stores rows in lanes only where this kernel exists.
+        assert!(
+            K::int8_lanes_stored(m, px, out, r0..r1),
+            "a matrix stored in lanes met an instruction set without its kernel"
+        );
+        return;
+    }
     // The tiles may leave tokens from `first` on (past their whole sixteens) to the register kernels below.
     let first =
         if m.bits <= 4 && px.xq.is_empty() && (px.tokens >= TILE_TOKENS || !px.xb.is_empty()) {
@@ -1223,7 +1315,7 @@ mod tests {
                 Isa::Avx512,
                 &x,
                 cols,
-                (group, true, Activations::F32, bits == 4),
+                (group, true, Activations::F32, bits == 4, false),
             );
             assert_eq!(px.xs.len(), if slices { t * cols } else { 0 }, "t {t}");
             let units = slices && (t >= 2 || bits == 4) && cols.is_multiple_of(UNIT);
@@ -1247,7 +1339,7 @@ mod tests {
             let m = with_scale_type(&matrix(rows, cols, 4, group, 5), ScaleType::Bf16);
             for act in [Activations::Int8, Activations::F32] {
                 let [four, units] = [false, true].map(|packed4| {
-                    let px = prepare(Isa::Avx512, &x, cols, (group, true, act, packed4));
+                    let px = prepare(Isa::Avx512, &x, cols, (group, true, act, packed4, false));
                     assert_eq!(px.units, packed4, "g {group} {cols} {act:?}");
                     let mut y = vec![0f32; rows];
                     let out = Out {
@@ -1373,6 +1465,55 @@ mod tests {
     }
 
     #[test]
+    fn int8_rows_stored_in_lanes_agree_with_the_scalar_int8_reference() {
+        // 4-bit rows stored in lanes at load (`lanes_codes`, `lanes_scales`) take every token count, from one up: blocks of
+        // 8 tokens and tails, rows that are and are not whole blocks of sixteen, groups of 64 and 128, every
+        // scale type; 600 × 2048 splits into several tasks, each from a block's first row.
+        if !Isa::available().contains(&Isa::Avx512) {
+            return;
+        }
+        let cases = [
+            (1, 37, 2048),
+            (2, 16, 64),
+            (3, 600, 2048),
+            (5, 37, 192),
+            (8, 33, 128),
+            (9, 37, 256),
+            (17, 20, 128),
+        ];
+        for (t, rows, cols) in cases {
+            let x = activations(t * cols);
+            let groups = [64, 128].into_iter().filter(|g| cols % g == 0);
+            let types = [ScaleType::F32, ScaleType::Bf16, ScaleType::F16];
+            for (group, st) in groups.flat_map(|g| types.map(|st| (g, st))) {
+                let m = with_scale_type(&matrix(rows, cols, 4, group, 11), st);
+                let mut want = vec![0f32; t * rows];
+                affine_matmul_isa(Isa::Scalar, &m, &x, &mut want, Activations::Int8);
+                let (nc, ns) = lanes_sizes(&m);
+                let (mut packed, mut scales, mut biases) = (vec![0; nc], vec![0; ns], vec![0; ns]);
+                lanes_codes(&m, &mut packed);
+                lanes_scales(&m, &m.scales, &mut scales);
+                lanes_scales(&m, &m.biases, &mut biases);
+                let stored = AffineMatrix {
+                    packed: crate::weights::Buf::owned(packed),
+                    scales: crate::weights::Buf::owned(scales),
+                    biases: crate::weights::Buf::owned(biases),
+                    lanes: true,
+                    ..m.clone()
+                };
+                let mut y = vec![0f32; t * rows];
+                affine_matmul_isa(Isa::Avx512, &stored, &x, &mut y, Activations::Int8);
+                for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "g {group} {st:?} rows {rows} cols {cols} t {t}, output {i}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn int8_rows_in_lanes_agree_with_the_scalar_int8_reference() {
         // From `LANE_TOKENS` int8 tokens on (`LANE_TOKENS_WIDENED` for 2/3-bit rows), AVX-512 takes 4-bit rows
         // (2/3-bit ones widened with VBMI) sixteen to a register (`x86::int8_lanes`):
@@ -1381,7 +1522,7 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if x86::has_avx512() {
             let laned = |t: usize, packed4: bool| {
-                let key = (64, true, Activations::Int8, packed4);
+                let key = (64, true, Activations::Int8, packed4, false);
                 !prepare(Isa::Avx512, &activations(t * 256), 256, key)
                     .xl
                     .is_empty()

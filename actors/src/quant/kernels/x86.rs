@@ -176,6 +176,20 @@ impl Dots for Avx512 {
         px.tokens
     }
     #[inline(always)]
+    fn int8_lanes_stored(
+        m: &AffineMatrix,
+        px: &Prepared,
+        out: &Out,
+        rows: std::ops::Range<usize>,
+    ) -> bool {
+        if px.xl.is_empty() || !rows.start.is_multiple_of(16) {
+            return false;
+        }
+        // SAFETY: this set is only used where AVX-512 + VNNI exist; `xl` holds every token's int8 codes.
+        unsafe { int8_lanes_stored(m, px, out, rows) };
+        true
+    }
+    #[inline(always)]
     fn dot4_f32_xn<const N: usize>(
         row: &[u8],
         x: [&[f32]; N],
@@ -1613,6 +1627,125 @@ unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops:
             t += tt;
         }
         r += n;
+    }
+}
+
+/// int8 tokens against rows `rows` (from a block's first) of a matrix stored in lanes ([`super::lanes_layout`]):
+/// [`int8_lanes`] without the tile to build, each pair of a block's 4-code words unpacked in registers from
+/// its 64 bytes (one AND, one shift, one AND).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn int8_lanes_stored(
+    m: &AffineMatrix,
+    px: &Prepared,
+    out: &Out,
+    rows: std::ops::Range<usize>,
+) {
+    let cols = m.cols;
+    let (block_bytes, block_scales) = (8 * cols, 16 * m.groups_per_row() * m.scale_type.size());
+    let mut r = rows.start;
+    while r < rows.end {
+        let (b, n) = (r / 16, (rows.end - r).min(16));
+        let l = StoredRows {
+            codes: m.packed[b * block_bytes..(b + 1) * block_bytes].as_ptr(),
+            scales: m.scales[b * block_scales..(b + 1) * block_scales].as_ptr(),
+            biases: m.biases[b * block_scales..(b + 1) * block_scales].as_ptr(),
+            st: m.scale_type,
+            cols,
+            group: m.group,
+            rows: m.rows,
+            r0: r,
+            mask: if n == 16 { 0xffff } else { (1 << n) - 1 },
+        };
+        let mut t = 0;
+        while t < px.tokens {
+            let tt = (px.tokens - t).min(8);
+            unsafe {
+                match tt {
+                    8 => stored_pass::<8>(&l, px, out, t),
+                    7 => stored_pass::<7>(&l, px, out, t),
+                    6 => stored_pass::<6>(&l, px, out, t),
+                    5 => stored_pass::<5>(&l, px, out, t),
+                    4 => stored_pass::<4>(&l, px, out, t),
+                    3 => stored_pass::<3>(&l, px, out, t),
+                    2 => stored_pass::<2>(&l, px, out, t),
+                    _ => stored_pass::<1>(&l, px, out, t),
+                }
+            }
+            t += tt;
+        }
+        r += n;
+    }
+}
+
+/// A block of sixteen rows stored in lanes as [`stored_pass`] reads it.
+struct StoredRows {
+    /// `[cols / 8, 64]`: per pair of words, the sixteen rows' two words in nibbles.
+    codes: *const u8,
+    /// `[group, 16]` in `st`: the sixteen rows' scales and biases of each group (zero past the last row).
+    scales: *const u8,
+    biases: *const u8,
+    st: ScaleType,
+    cols: usize,
+    group: usize,
+    rows: usize,
+    r0: usize,
+    mask: __mmask16,
+}
+
+/// The block of rows `l` against tokens `t0..t0 + T` (as [`lanes_pass`]).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn stored_pass<const T: usize>(l: &StoredRows, px: &Prepared, out: &Out, t0: usize) {
+    let (pairs, gpr) = (l.group / 8, l.cols / l.group);
+    // Token `t`'s coarse codes as 4-code words; its residual ones follow, `cols / 4` words on.
+    let x: [*const i32; T] =
+        std::array::from_fn(|t| px.xl[2 * (t0 + t) * l.cols..].as_ptr() as *const i32);
+    let rw = l.cols / 4;
+    let nib = _mm512_set1_epi8(0x0f);
+    let mut acc = [_mm512_setzero_ps(); T];
+    for g in 0..gpr {
+        let (mut sq, mut sr) = ([_mm512_setzero_si512(); T], [_mm512_setzero_si512(); T]);
+        for p in g * pairs..(g + 1) * pairs {
+            let at = l.codes.wrapping_add(64 * p);
+            // The block's bytes ahead into L1, and further on (the next blocks) into L2.
+            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PASS_AHEAD) as *const i8);
+            // SAFETY: pair `p < cols / 8` of the block.
+            let v = unsafe { _mm512_loadu_si512(at as *const _) };
+            let words = [
+                _mm512_and_si512(v, nib),
+                _mm512_and_si512(_mm512_srli_epi16(v, 4), nib),
+            ];
+            for (h, c) in words.iter().enumerate() {
+                let w = 2 * p + h;
+                for t in 0..T {
+                    // SAFETY: word `w < cols / 4` of token `t0 + t`'s two rows of codes.
+                    let (q, r) = unsafe { (*x[t].add(w), *x[t].add(rw + w)) };
+                    sq[t] = _mm512_dpbusd_epi32(sq[t], *c, _mm512_set1_epi32(q));
+                    sr[t] = _mm512_dpbusd_epi32(sr[t], *c, _mm512_set1_epi32(r));
+                }
+            }
+        }
+        // SAFETY: group `g` of the block's sixteen rows.
+        let (s, b) = unsafe {
+            (
+                scales16(l.scales, l.st, 16 * g, 0xffff),
+                scales16(l.biases, l.st, 16 * g, 0xffff),
+            )
+        };
+        for t in 0..T {
+            let i = _mm512_add_epi32(slices_shift::<false>(sq[t]), sr[t]);
+            let v = _mm512_mul_ps(_mm512_cvtepi32_ps(i), s);
+            let (dx, xs) = (px.dx_of(t0 + t)[g], px.xsum_of(t0 + t)[g]);
+            acc[t] = _mm512_fmadd_ps(v, _mm512_set1_ps(dx), acc[t]);
+            acc[t] = _mm512_fmadd_ps(b, _mm512_set1_ps(xs), acc[t]);
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        let i = (t0 + t) * l.rows + l.r0;
+        debug_assert!(i + l.mask.count_ones() as usize <= out.len);
+        // SAFETY: outputs `(t0 + t, r0..r0 + n)` are in bounds, and these rows belong to this task alone.
+        unsafe { _mm512_mask_storeu_ps(out.ptr.add(i), l.mask, *a) };
     }
 }
 
