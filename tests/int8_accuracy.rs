@@ -71,10 +71,10 @@ fn story_mlx_mixed() {
 }
 
 /// `--quantize q4 --activations int8` on the bf16 fixture: on AVX-512 + VNNI the MLPs' matrices are stored in
-/// lanes at load (and the attention's are not), and the int8 path stays within the bound of the f32 path on
-/// the same quantized weights, prefill and decode.
+/// lanes at load (not the attention's), and the int8 path stays within the bound of the f32 path on the same
+/// quantized weights, prefill and decode.
 #[test]
-fn quantized_at_load_mlps_in_lanes() {
+fn quantized_at_load_stored_in_lanes() {
     let open = |activations| {
         let opts = LoadOptions {
             activations,

@@ -65,10 +65,21 @@ impl AffineMatrix {
         self.packed.len() + self.scales.len() + self.biases.len()
     }
 
+    /// Where group `g` of row `r` has its scale and bias (in values of the scale type).
+    #[inline]
+    fn scale_index(&self, r: usize, g: usize) -> usize {
+        let gpr = self.groups_per_row();
+        if self.lanes {
+            (r / 16 * gpr + g) * 16 + r % 16
+        } else {
+            r * gpr + g
+        }
+    }
+
     /// Scale and bias of group `g` of row `r`.
     #[inline]
     pub fn scale_bias(&self, r: usize, g: usize) -> (f32, f32) {
-        let i = r * self.groups_per_row() + g;
+        let i = self.scale_index(r, g);
         (
             self.scale_type.read(&self.scales, i),
             self.scale_type.read(&self.biases, i),
@@ -85,6 +96,13 @@ impl AffineMatrix {
         biases: &mut [f32],
     ) {
         let (g, size) = (self.groups_per_row(), self.scale_type.size());
+        if self.lanes {
+            let all = rows.flat_map(|r| (0..g).map(move |j| (r, j)));
+            for ((r, j), (s, b)) in all.zip(scales.iter_mut().zip(biases.iter_mut())) {
+                (*s, *b) = self.scale_bias(r, j);
+            }
+            return;
+        }
         let (a, b) = (rows.start * g * size, rows.end * g * size);
         for (src, dst) in [
             (&self.scales[a..b], &mut *scales),
@@ -140,7 +158,15 @@ impl AffineMatrix {
             let r1 = (r0 + block).min(rows.end);
             let n = r1 - r0;
             let codes = &mut codes[..n * self.cols];
-            unpack(&self.packed[r0 * rb..r1 * rb], self.bits, codes);
+            if self.lanes {
+                let mut row = vec![0u8; rb];
+                for (r, codes) in (r0..r1).zip(codes.chunks_exact_mut(self.cols)) {
+                    kernels::row_from_lanes(self, r, &mut row);
+                    unpack(&row, self.bits, codes);
+                }
+            } else {
+                unpack(&self.packed[r0 * rb..r1 * rb], self.bits, codes);
+            }
             self.rows_scales(r0..r1, &mut scales[..n * gpr], &mut biases[..n * gpr]);
             let groups = dst
                 .chunks_exact_mut(self.group)

@@ -895,6 +895,26 @@ pub fn lanes_codes(m: &AffineMatrix, dst: &mut [u8]) {
     }
 }
 
+/// Row `r` of `m`, stored in lanes, back in the MLX layout (`m.row_bytes()` bytes): [`lanes_codes`] undone.
+pub fn row_from_lanes(m: &AffineMatrix, r: usize, row: &mut [u8]) {
+    let (cols, k) = (m.cols, r % 16);
+    let block = &m.packed[r / 16 * 8 * cols..(r / 16 + 1) * 8 * cols];
+    let word = |p: usize| {
+        let b = &block[64 * p + 4 * k..];
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    };
+    for (c, dst) in row.chunks_exact_mut(32).enumerate() {
+        for q in 0..4 {
+            // Pair `q` holds the low nibbles of bytes `8q..8q + 8`, pair `q + 4` their high nibbles.
+            let (lo, hi) = (word(8 * c + q), word(8 * c + q + 4));
+            let a = (lo & 0x0f0f_0f0f) | (hi & 0x0f0f_0f0f) << 4;
+            let h = (lo >> 4 & 0x0f0f_0f0f) | (hi & 0xf0f0_f0f0);
+            dst[8 * q..8 * q + 4].copy_from_slice(&a.to_le_bytes());
+            dst[8 * q + 4..8 * q + 8].copy_from_slice(&h.to_le_bytes());
+        }
+    }
+}
+
 /// `m`'s scales or biases (`src`, row-major) in the order of [`AffineMatrix::lanes`] into `dst` (zeroed,
 /// [`lanes_sizes`]): per block of sixteen rows and group, the sixteen rows' values in `m`'s scale type.
 pub fn lanes_scales(m: &AffineMatrix, src: &[u8], dst: &mut [u8]) {
@@ -1501,6 +1521,11 @@ mod tests {
                     lanes: true,
                     ..m.clone()
                 };
+                // Read back in the MLX layout (as the dequantizing readers do), the same weights.
+                assert!(
+                    stored.dequantize() == m.dequantize(),
+                    "g {group} {st:?} rows {rows}"
+                );
                 let mut y = vec![0f32; t * rows];
                 affine_matmul_isa(Isa::Avx512, &stored, &x, &mut y, Activations::Int8);
                 for (i, (a, b)) in y.iter().zip(&want).enumerate() {
