@@ -46,8 +46,8 @@ pub struct AffineMatrix {
     /// f32 (exact) or int8 (fast) activations.
     pub activations: Activations,
     /// 4-bit rows stored at load sixteen to a block in the order of the rows-in-lanes kernel, with their
-    /// scales and biases per block and group (`kernels::lanes_layout`): only the AVX-512 + VNNI int8 kernel
-    /// reads such a matrix.
+    /// scales and biases per block and group (`kernels::lanes_codes`, `kernels::lanes_scales`): the AVX-512 +
+    /// VNNI int8 kernel multiplies such a matrix (no other kernel does); the dequantizing readers read it back.
     pub lanes: bool,
 }
 

@@ -11,6 +11,9 @@
 //!   in the unpacked chunk order, which those kernels load as it is. **5- and 6-bit** rows are widened to a
 //!   byte per code.
 //!
+//! - **Int8 activations against the MLPs' 4-bit rows** on AVX-512 + VNNI: the rows are stored at load in the
+//!   rows-in-lanes order ([`AffineMatrix::lanes`], [`lanes_codes`]), and every token count, one included, takes
+//!   that kernel with no tile to build.
 //! - **Twelve or more f32 tokens** on AVX-512 (a prefill's dense matrices, its busiest experts): rows are
 //!   dequantized once into a per-thread tile ([`Dots::f32_tiles`]) instead of being unpacked again for every
 //!   block of tokens; blocks of four tokens meet it with plain FMAs, and from 48 tokens sixteen tokens per

@@ -1630,7 +1630,7 @@ unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops:
     }
 }
 
-/// int8 tokens against rows `rows` (from a block's first) of a matrix stored in lanes ([`super::lanes_layout`]):
+/// int8 tokens against rows `rows` (from a block's first) of a matrix stored in lanes ([`super::lanes_codes`]):
 /// [`int8_lanes`] without the tile to build, each pair of a block's 4-code words unpacked in registers from
 /// its 64 bytes (one AND, one shift, one AND).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
