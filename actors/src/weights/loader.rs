@@ -293,8 +293,8 @@ impl Weights {
         }))
     }
 
-    /// `n` bytes the loader makes (zeroed, then written by `f`): resident, on huge pages, unless weights are
-    /// served from the mapped files.
+    /// `n` bytes the loader makes, written by `f`: resident, on huge pages, unless weights are served from the
+    /// mapped files.
     fn made(&self, n: usize, f: impl FnOnce(&mut [u8])) -> Result<Buf> {
         if self.options.map_weights {
             let mut v = vec![0; n];

@@ -65,7 +65,7 @@ impl Arena {
         self.fill(bytes.len(), |dst| dst.copy_from_slice(bytes))
     }
 
-    /// `n` resident bytes, 64-byte aligned, written by `f` (it is given them zeroed).
+    /// `n` resident bytes, 64-byte aligned, written by `f`.
     pub fn fill(&self, n: usize, f: impl FnOnce(&mut [u8])) -> Result<ResidentBytes> {
         if n > CHUNK / 4 {
             let chunk = Arc::new(Chunk::new(n)?);

@@ -868,13 +868,16 @@ pub fn lanes_sizes(m: &AffineMatrix) -> (usize, usize) {
     )
 }
 
-/// `m`'s codes in the order of [`AffineMatrix::lanes`] into `dst` (zeroed, [`lanes_sizes`]): rows in blocks of
-/// sixteen (the last padded with zero rows); per block and pair of 4-code words (eight codes in the nibble
+/// `m`'s codes in the order of [`AffineMatrix::lanes`] into `dst` ([`lanes_sizes`]): rows in blocks of sixteen
+/// (the last padded with zero rows); per block and pair of 4-code words (eight codes in the nibble
 /// order the int8 activations are prepared in), 64 bytes, row `k`'s two words in the low and high nibbles of
 /// bytes `4k..4k + 4`.
 pub fn lanes_codes(m: &AffineMatrix, dst: &mut [u8]) {
     debug_assert!(m.bits == 4 && m.cols.is_multiple_of(64) && dst.len() == lanes_sizes(m).0);
     let (cols, rb) = (m.cols, m.row_bytes());
+    // The last block, whose padding rows are not written below.
+    let last = dst.len().saturating_sub(8 * cols);
+    dst[last..].fill(0);
     let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     for (r, row) in m.packed.chunks_exact(rb).enumerate() {
         let (b, k) = (r / 16, r % 16);
@@ -918,11 +921,14 @@ pub fn row_from_lanes(m: &AffineMatrix, r: usize, row: &mut [u8]) {
     }
 }
 
-/// `m`'s scales or biases (`src`, row-major) in the order of [`AffineMatrix::lanes`] into `dst` (zeroed,
-/// [`lanes_sizes`]): per block of sixteen rows and group, the sixteen rows' values in `m`'s scale type.
+/// `m`'s scales or biases (`src`, row-major) in the order of [`AffineMatrix::lanes`] into `dst`
+/// ([`lanes_sizes`]): per block of sixteen rows and group, the sixteen rows' values in `m`'s scale type (zero
+/// for the padding rows).
 pub fn lanes_scales(m: &AffineMatrix, src: &[u8], dst: &mut [u8]) {
     let (gpr, size) = (m.groups_per_row(), m.scale_type.size());
     debug_assert!(src.len() == m.rows * gpr * size && dst.len() == lanes_sizes(m).1);
+    let last = dst.len().saturating_sub(16 * gpr * size);
+    dst[last..].fill(0);
     for (r, row) in src.chunks_exact(gpr * size).enumerate() {
         let (b, k) = (r / 16, r % 16);
         for (g, v) in row.chunks_exact(size).enumerate() {
@@ -1513,7 +1519,8 @@ mod tests {
                 let mut want = vec![0f32; t * rows];
                 affine_matmul_isa(Isa::Scalar, &m, &x, &mut want, Activations::Int8);
                 let (nc, ns) = lanes_sizes(&m);
-                let (mut packed, mut scales, mut biases) = (vec![0; nc], vec![0; ns], vec![0; ns]);
+                let (mut packed, mut scales, mut biases) =
+                    (vec![0xaa; nc], vec![0xaa; ns], vec![0xaa; ns]);
                 lanes_codes(&m, &mut packed);
                 lanes_scales(&m, &m.scales, &mut scales);
                 lanes_scales(&m, &m.biases, &mut biases);
@@ -1524,10 +1531,22 @@ mod tests {
                     lanes: true,
                     ..m.clone()
                 };
-                // Read back in the MLX layout (as the dequantizing readers do), the same weights.
+                // Read back in the MLX layout (as the dequantizing readers do), the same weights; the
+                // buffers started as garbage, and the padding rows' scales are zero.
                 assert!(
                     stored.dequantize() == m.dequantize(),
                     "g {group} {st:?} rows {rows}"
+                );
+                let (gpr, size) = (cols / group, st.size());
+                let last = &stored.scales[stored.scales.len() - 16 * gpr * size..];
+                let real = (rows - 1) % 16 + 1;
+                let mut padding = last
+                    .chunks_exact(size)
+                    .enumerate()
+                    .filter(|(i, _)| i % 16 >= real);
+                assert!(
+                    padding.all(|(_, v)| v.iter().all(|&b| b == 0)),
+                    "rows {rows}"
                 );
                 let mut y = vec![0f32; t * rows];
                 affine_matmul_isa(Isa::Avx512, &stored, &x, &mut y, Activations::Int8);
