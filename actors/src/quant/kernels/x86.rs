@@ -1544,15 +1544,15 @@ unsafe fn units_pass<
 }
 
 /// int8 tokens ([`Prepared::xl`]) against 4-bit rows `rows` (or 2/3-bit ones, widened with VBMI), sixteen
-/// rows per register: each block of sixteen rows is unpacked once into a tile holding, per 4-code word, the
-/// sixteen rows' four codes (a byte each); then per word and token one `vpdpbusd` takes the token's four coarse codes as a broadcast memory
-/// operand, another its residual ones. Per group and token the sums are converted once, scaled by the rows'
-/// scales and the token's step, and the bias term joins them. No shuffles, permutations or horizontal sums
-/// in the loop, and each output register is sixteen consecutive outputs of a token.
+/// rows per register: each block of sixteen rows is unpacked once into a tile in the form the MLPs' matrices
+/// are stored in at load (per pair of 4-code words, the sixteen rows' two words in nibbles), with its scales
+/// and biases per group, and [`lanes_pass`] takes it as it takes those. No shuffles, permutations or
+/// horizontal sums in the loop, and each output register is sixteen consecutive outputs of a token.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops::Range<usize>) {
     let (cols, gpr, rb) = (m.cols, m.groups_per_row(), m.row_bytes());
-    let mut tile = Aligned::<u32>::zeroed(4 * cols);
+    // The block in the stored-lanes form (`super::lanes_codes`): per pair of words, 64 bytes.
+    let mut tile = Aligned::<u8>::zeroed(8 * cols);
     let mut codes = Aligned::<u8>::zeroed(16 * cols);
     let (mut sc, mut bi) = (vec![0f32; 16 * gpr], vec![0f32; 16 * gpr]);
     // `[group, 16]`: the sixteen rows' scales and biases of each group.
@@ -1584,7 +1584,8 @@ unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops:
                 dst.fill(0);
             }
         }
-        // Sixteen words of the sixteen rows at a time, one 16 × 16 transpose.
+        // Sixteen words of the sixteen rows at a time, one 16 × 16 transpose; each pair of words into one
+        // vector, the second in the high nibbles (codes are at most 15).
         for c in 0..cols / 64 {
             let mut v = [_mm512_setzero_ps(); 16];
             for (k, v) in v.iter_mut().enumerate() {
@@ -1592,40 +1593,32 @@ unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops:
                 *v =
                     unsafe { _mm512_loadu_ps(codes.as_ptr().add(k * cols + 64 * c) as *const f32) };
             }
-            for (i, v) in transpose16(v).into_iter().enumerate() {
-                // SAFETY: word `16c + i < cols / 4` of the tile.
+            let w = transpose16(v);
+            for i in 0..8 {
+                let (lo, hi) = (
+                    _mm512_castps_si512(w[2 * i]),
+                    _mm512_castps_si512(w[2 * i + 1]),
+                );
+                let pair = _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));
+                // SAFETY: pair `8c + i < cols / 8` of the tile.
                 unsafe {
-                    _mm512_storeu_ps(tile.as_mut_ptr().add(16 * (16 * c + i)) as *mut f32, v)
+                    _mm512_storeu_si512(tile.as_mut_ptr().add(64 * (8 * c + i)) as *mut _, pair)
                 };
             }
         }
         let l = LaneRows {
-            tile: &tile,
-            sv: &sv,
-            bv: &bv,
+            codes: tile.as_ptr(),
+            scales: sv.as_ptr() as *const u8,
+            biases: bv.as_ptr() as *const u8,
+            st: ScaleType::F32,
+            stream: false,
             cols,
             group: m.group,
             rows: m.rows,
             r0: r,
             mask: if n == 16 { 0xffff } else { (1 << n) - 1 },
         };
-        let mut t = 0;
-        while t < px.tokens {
-            let tt = (px.tokens - t).min(8);
-            unsafe {
-                match tt {
-                    8 => lanes_pass::<8>(&l, px, out, t),
-                    7 => lanes_pass::<7>(&l, px, out, t),
-                    6 => lanes_pass::<6>(&l, px, out, t),
-                    5 => lanes_pass::<5>(&l, px, out, t),
-                    4 => lanes_pass::<4>(&l, px, out, t),
-                    3 => lanes_pass::<3>(&l, px, out, t),
-                    2 => lanes_pass::<2>(&l, px, out, t),
-                    _ => lanes_pass::<1>(&l, px, out, t),
-                }
-            }
-            t += tt;
-        }
+        unsafe { lanes_block(&l, px, out) };
         r += n;
     }
 }
@@ -1645,46 +1638,34 @@ unsafe fn int8_lanes_stored(
     let mut r = rows.start;
     while r < rows.end {
         let (b, n) = (r / 16, (rows.end - r).min(16));
-        let l = StoredRows {
+        let l = LaneRows {
             codes: m.packed[b * block_bytes..(b + 1) * block_bytes].as_ptr(),
             scales: m.scales[b * block_scales..(b + 1) * block_scales].as_ptr(),
             biases: m.biases[b * block_scales..(b + 1) * block_scales].as_ptr(),
             st: m.scale_type,
+            stream: true,
             cols,
             group: m.group,
             rows: m.rows,
             r0: r,
             mask: if n == 16 { 0xffff } else { (1 << n) - 1 },
         };
-        let mut t = 0;
-        while t < px.tokens {
-            let tt = (px.tokens - t).min(8);
-            unsafe {
-                match tt {
-                    8 => stored_pass::<8>(&l, px, out, t),
-                    7 => stored_pass::<7>(&l, px, out, t),
-                    6 => stored_pass::<6>(&l, px, out, t),
-                    5 => stored_pass::<5>(&l, px, out, t),
-                    4 => stored_pass::<4>(&l, px, out, t),
-                    3 => stored_pass::<3>(&l, px, out, t),
-                    2 => stored_pass::<2>(&l, px, out, t),
-                    _ => stored_pass::<1>(&l, px, out, t),
-                }
-            }
-            t += tt;
-        }
+        unsafe { lanes_block(&l, px, out) };
         r += n;
     }
 }
 
-/// A block of sixteen rows stored in lanes as [`stored_pass`] reads it.
-struct StoredRows {
-    /// `[cols / 8, 64]`: per pair of words, the sixteen rows' two words in nibbles.
+/// A block of sixteen rows as [`lanes_pass`] reads it: stored so at load ([`int8_lanes_stored`]) or built per
+/// call ([`int8_lanes`]).
+struct LaneRows {
+    /// `[cols / 8, 64]`: per pair of words, the sixteen rows' two words in nibbles ([`super::lanes_codes`]).
     codes: *const u8,
     /// `[group, 16]` in `st`: the sixteen rows' scales and biases of each group (zero past the last row).
     scales: *const u8,
     biases: *const u8,
     st: ScaleType,
+    /// The codes stream from memory (prefetched ahead), not from a tile in cache.
+    stream: bool,
     cols: usize,
     group: usize,
     rows: usize,
@@ -1692,10 +1673,36 @@ struct StoredRows {
     mask: __mmask16,
 }
 
-/// The block of rows `l` against tokens `t0..t0 + T` (as [`lanes_pass`]).
+/// The block of rows `l` against every token, in blocks of up to eight.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn stored_pass<const T: usize>(l: &StoredRows, px: &Prepared, out: &Out, t0: usize) {
+unsafe fn lanes_block(l: &LaneRows, px: &Prepared, out: &Out) {
+    let mut t = 0;
+    while t < px.tokens {
+        let tt = (px.tokens - t).min(8);
+        unsafe {
+            match tt {
+                8 => lanes_pass::<8>(l, px, out, t),
+                7 => lanes_pass::<7>(l, px, out, t),
+                6 => lanes_pass::<6>(l, px, out, t),
+                5 => lanes_pass::<5>(l, px, out, t),
+                4 => lanes_pass::<4>(l, px, out, t),
+                3 => lanes_pass::<3>(l, px, out, t),
+                2 => lanes_pass::<2>(l, px, out, t),
+                _ => lanes_pass::<1>(l, px, out, t),
+            }
+        }
+        t += tt;
+    }
+}
+
+/// The block of rows `l` against tokens `t0..t0 + T`: per pair of words one load and one AND, one shift and
+/// one AND for the two words; per word and token one `vpdpbusd` takes the token's four coarse codes as a
+/// broadcast memory operand, another its residual ones. Per group and token the sums are converted once,
+/// scaled by the rows' scales and the token's step, and the bias term joins them.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn lanes_pass<const T: usize>(l: &LaneRows, px: &Prepared, out: &Out, t0: usize) {
     let (pairs, gpr) = (l.group / 8, l.cols / l.group);
     // Token `t`'s coarse codes as 4-code words; its residual ones follow, `cols / 4` words on.
     let x: [*const i32; T] =
@@ -1707,9 +1714,11 @@ unsafe fn stored_pass<const T: usize>(l: &StoredRows, px: &Prepared, out: &Out, 
         let (mut sq, mut sr) = ([_mm512_setzero_si512(); T], [_mm512_setzero_si512(); T]);
         for p in g * pairs..(g + 1) * pairs {
             let at = l.codes.wrapping_add(64 * p);
-            // The block's bytes ahead into L1, and further on (the next blocks) into L2.
-            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH) as *const i8);
-            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PASS_AHEAD) as *const i8);
+            if l.stream {
+                // The block's bytes ahead into L1, and further on (the next blocks) into L2.
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH) as *const i8);
+                _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PASS_AHEAD) as *const i8);
+            }
             // SAFETY: pair `p < cols / 8` of the block.
             let v = unsafe { _mm512_loadu_si512(at as *const _) };
             let words = [
@@ -1749,21 +1758,6 @@ unsafe fn stored_pass<const T: usize>(l: &StoredRows, px: &Prepared, out: &Out, 
     }
 }
 
-/// A block of sixteen rows as [`lanes_pass`] reads them (see [`int8_lanes`]).
-struct LaneRows<'a> {
-    /// Per 4-code word, the sixteen rows' codes: `[cols / 4, 16]`.
-    tile: &'a [u32],
-    /// Per group, the sixteen rows' scales and biases (zero past the last row).
-    sv: &'a [f32],
-    bv: &'a [f32],
-    cols: usize,
-    group: usize,
-    /// The matrix's rows, the block's first and the rows of the block that exist.
-    rows: usize,
-    r0: usize,
-    mask: __mmask16,
-}
-
 /// A packed 4-bit row to a byte per code in the order the int8 activations are prepared in (per 64 codes,
 /// the 32 low nibbles, then the 32 high ones).
 #[inline]
@@ -1782,45 +1776,6 @@ unsafe fn unpack_nibbles(packed: &[u8], out: &mut [u8]) {
             _mm256_storeu_si256(out.as_mut_ptr().add(64 * i) as *mut _, lo);
             _mm256_storeu_si256(out.as_mut_ptr().add(64 * i + 32) as *mut _, hi);
         }
-    }
-}
-
-/// The block of rows `l` against tokens `t0..t0 + T`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn lanes_pass<const T: usize>(l: &LaneRows, px: &Prepared, out: &Out, t0: usize) {
-    let (words, gpr) = (l.group / 4, l.cols / l.group);
-    // Token `t`'s coarse codes as 4-code words; its residual ones follow, `cols / 4` words on.
-    let x: [*const i32; T] =
-        std::array::from_fn(|t| px.xl[2 * (t0 + t) * l.cols..].as_ptr() as *const i32);
-    let rw = l.cols / 4;
-    let mut acc = [_mm512_setzero_ps(); T];
-    for g in 0..gpr {
-        let (mut sq, mut sr) = ([_mm512_setzero_si512(); T], [_mm512_setzero_si512(); T]);
-        for w in g * words..(g + 1) * words {
-            let c = unsafe { _mm512_loadu_si512(l.tile.as_ptr().add(16 * w) as *const _) };
-            for t in 0..T {
-                // SAFETY: word `w < cols / 4` of token `t0 + t`'s two rows of codes.
-                let (q, r) = unsafe { (*x[t].add(w), *x[t].add(rw + w)) };
-                sq[t] = _mm512_dpbusd_epi32(sq[t], c, _mm512_set1_epi32(q));
-                sr[t] = _mm512_dpbusd_epi32(sr[t], c, _mm512_set1_epi32(r));
-            }
-        }
-        let s = unsafe { _mm512_loadu_ps(l.sv.as_ptr().add(16 * g)) };
-        let b = unsafe { _mm512_loadu_ps(l.bv.as_ptr().add(16 * g)) };
-        for t in 0..T {
-            let i = _mm512_add_epi32(slices_shift::<false>(sq[t]), sr[t]);
-            let v = _mm512_mul_ps(_mm512_cvtepi32_ps(i), s);
-            let (dx, xs) = (px.dx_of(t0 + t)[g], px.xsum_of(t0 + t)[g]);
-            acc[t] = _mm512_fmadd_ps(v, _mm512_set1_ps(dx), acc[t]);
-            acc[t] = _mm512_fmadd_ps(b, _mm512_set1_ps(xs), acc[t]);
-        }
-    }
-    for (t, a) in acc.iter().enumerate() {
-        let i = (t0 + t) * l.rows + l.r0;
-        debug_assert!(i + l.mask.count_ones() as usize <= out.len);
-        // SAFETY: outputs `(t0 + t, r0..r0 + n)` are in bounds, and these rows belong to this task alone.
-        unsafe { _mm512_mask_storeu_ps(out.ptr.add(i), l.mask, *a) };
     }
 }
 
