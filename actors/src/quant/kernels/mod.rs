@@ -196,9 +196,9 @@ struct Prepared {
     /// The f32 activations as AMX `B` tiles (`amx::prepare`), where `Isa::Amx` takes them. Empty elsewhere.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     xb: Aligned<u32>,
-    /// `[t, 2, cols]`: each token's coarse int8 codes, then its residual ones, in nibble order (never in
-    /// units order), where the AVX-512 kernel with rows in lanes takes them (`x86::int8_lanes`). Empty
-    /// elsewhere.
+    /// `[t, 2, cols]`: each token's coarse int8 codes, then its residual ones (`[t, 3, cols]`: f32 activations'
+    /// three slices, [`Q8::s`] last), in nibble order (never in units order), where the AVX-512 kernels with
+    /// rows in lanes take them (`x86::int8_lanes`, `x86::lanes_stored`). Empty elsewhere.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     xl: Aligned<i8>,
 }
@@ -630,11 +630,11 @@ trait Dots {
         0
     }
 
-    /// int8 activations of any number of tokens against rows `rows` (whole blocks of sixteen from the
-    /// first) of a matrix stored in lanes ([`AffineMatrix::lanes`]); false where this set has no kernel
+    /// int8 (or f32, as three int8 slices) activations of any number of tokens against rows `rows` (whole
+    /// blocks of sixteen from the first) of a matrix stored in lanes ([`AffineMatrix::lanes`]); false where this set has no kernel
     /// for it.
     #[inline(always)]
-    fn int8_lanes_stored(
+    fn lanes_stored(
         _m: &AffineMatrix,
         _px: &Prepared,
         _out: &Out,
@@ -723,14 +723,15 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: PrepKey) -> Prepared {
                         },
             )
         },
-        // f32 activations of fewer tokens than the tiles take, against 4-bit-order rows: three int8 slices,
-        // as exact as f32 and fewer instructions per code than unpacking the codes to f32.
+        // f32 activations of fewer tokens than the tiles take against 4-bit-order rows, or any number against
+        // rows stored in lanes: three int8 slices, as exact as f32 and fewer instructions per code than
+        // unpacking the codes to f32.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Amx
             if nibbles
                 && act == Activations::F32
-                && exact_slices(isa, x.len() / cols, cols, group) =>
-        unsafe { x86::prepare_int8_avx512(x, cols, group, nibbles, units, true, false) },
+                && (lanes || exact_slices(isa, x.len() / cols, cols, group)) =>
+        unsafe { x86::prepare_int8_avx512(x, cols, group, nibbles, units, true, lanes) },
         #[cfg(target_arch = "x86_64")]
         Isa::Amx
             if nibbles
@@ -849,14 +850,17 @@ const LANE_TOKENS: usize = 16;
 const LANE_TOKENS_WIDENED: usize = 8;
 
 /// Whether the loader stores `m`'s rows in lanes ([`AffineMatrix::lanes`]): 4-bit rows in groups of a multiple
-/// of 64, int8 activations, on a CPU with AVX-512 + VNNI. The rows-in-lanes kernel then takes all of its
-/// tokens, from one (decode) up, with no tile to build per call.
+/// of 64 on a CPU with AVX-512 + VNNI, for int8 activations, and for f32 ones (three int8 slices) where there
+/// are no AMX tiles, which read the MLX layout. The rows-in-lanes kernel then takes all of its tokens, from one
+/// (decode) up, with no tile to build per call.
 pub fn lanes_apply(m: &AffineMatrix) -> bool {
     m.bits == 4
         && m.group.is_multiple_of(64)
         && m.cols.is_multiple_of(m.group)
-        && m.activations == Activations::Int8
-        && matches!(Isa::detect(), Isa::Avx512 | Isa::Amx)
+        && matches!(
+            (Isa::detect(), m.activations),
+            (Isa::Avx512, _) | (Isa::Amx, Activations::Int8)
+        )
 }
 
 /// Bytes of `m`'s codes and of its scales (or biases) stored in lanes ([`lanes_codes`], [`lanes_scales`]).
@@ -957,7 +961,7 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     if m.lanes {
         // `lanes_apply` stores rows in lanes only where this kernel exists.
         assert!(
-            K::int8_lanes_stored(m, px, out, r0..r1),
+            K::lanes_stored(m, px, out, r0..r1),
             "a matrix stored in lanes met an instruction set without its kernel"
         );
         return;
@@ -1493,6 +1497,23 @@ mod tests {
         }
     }
 
+    /// `m` stored in lanes as the loader stores it ([`lanes_codes`], [`lanes_scales`]), from buffers that start
+    /// as garbage.
+    fn stored_in_lanes(m: &AffineMatrix) -> AffineMatrix {
+        let (nc, ns) = lanes_sizes(m);
+        let (mut packed, mut scales, mut biases) = (vec![0xaa; nc], vec![0xaa; ns], vec![0xaa; ns]);
+        lanes_codes(m, &mut packed);
+        lanes_scales(m, &m.scales, &mut scales);
+        lanes_scales(m, &m.biases, &mut biases);
+        AffineMatrix {
+            packed: crate::weights::Buf::owned(packed),
+            scales: crate::weights::Buf::owned(scales),
+            biases: crate::weights::Buf::owned(biases),
+            lanes: true,
+            ..m.clone()
+        }
+    }
+
     #[test]
     fn int8_rows_stored_in_lanes_agree_with_the_scalar_int8_reference() {
         // 4-bit rows stored in lanes at load (`lanes_codes`, `lanes_scales`) take every token count, from one up: blocks of
@@ -1518,19 +1539,7 @@ mod tests {
                 let m = with_scale_type(&matrix(rows, cols, 4, group, 11), st);
                 let mut want = vec![0f32; t * rows];
                 affine_matmul_isa(Isa::Scalar, &m, &x, &mut want, Activations::Int8);
-                let (nc, ns) = lanes_sizes(&m);
-                let (mut packed, mut scales, mut biases) =
-                    (vec![0xaa; nc], vec![0xaa; ns], vec![0xaa; ns]);
-                lanes_codes(&m, &mut packed);
-                lanes_scales(&m, &m.scales, &mut scales);
-                lanes_scales(&m, &m.biases, &mut biases);
-                let stored = AffineMatrix {
-                    packed: crate::weights::Buf::owned(packed),
-                    scales: crate::weights::Buf::owned(scales),
-                    biases: crate::weights::Buf::owned(biases),
-                    lanes: true,
-                    ..m.clone()
-                };
+                let stored = stored_in_lanes(&m);
                 // Read back in the MLX layout (as the dequantizing readers do), the same weights; the
                 // buffers started as garbage, and the padding rows' scales are zero.
                 assert!(
@@ -1557,6 +1566,53 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// f32 tokens against rows stored in lanes, as three int8 slices, are as close to f64 sums as the AVX2 f32
+    /// kernels on the MLX layout: one token (decode) up to 17 (blocks of six: 6 + 6 + 5, and 5 + 4 for nine),
+    /// groups of 64 and 128 (whose integer sums are converted every 64 codes: over 128 they would overflow),
+    /// rows that are not whole blocks of sixteen, and a task split of 600 rows.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn f32_rows_stored_in_lanes_are_as_exact_as_f32_sums() {
+        if !x86::has_avx512() {
+            return;
+        }
+        // `top`: every code 15 against positive activations near their group's largest, the integer sums
+        // at their bound (over a whole group of 128 they would overflow).
+        for (t, group, cols, rows, top) in [
+            (1, 64, 2048, 37, false),
+            (1, 128, 768, 40, false),
+            (2, 128, 256, 16, true),
+            (4, 64, 768, 600, false),
+            (6, 128, 512, 33, false),
+            (9, 64, 192, 37, true),
+            (17, 128, 384, 20, false),
+        ] {
+            let mut x = activations(t * cols);
+            let mut m = with_scale_type(&matrix(rows, cols, 4, group, 13), ScaleType::Bf16);
+            if top {
+                x.iter_mut().for_each(|v| *v = 1.0 - v.abs() / 64.0);
+                m.packed = crate::weights::Buf::owned(vec![0xff; m.packed.len()]);
+            } else {
+                // Values far below their group's largest, and an all-zero group.
+                x[3] = 1e-6;
+                x[group..2 * group].fill(0.0);
+            }
+            let case = format!("t {t} g {group} {rows}×{cols} top {top}");
+            let want = reference(&m, &x);
+            let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+            let stored = stored_in_lanes(&m);
+            let [base, got] = [(Isa::Avx2, &m), (Isa::Avx512, &stored)].map(|(isa, m)| {
+                let mut y = vec![0f32; want.len()];
+                affine_matmul_isa(isa, m, &x, &mut y, Activations::F32);
+                max_err(&y, &want) / scale
+            });
+            assert!(
+                got < 1e-6 && got < 4.0 * base.max(1e-7),
+                "{case}: {got}, AVX2 {base}"
+            );
         }
     }
 

@@ -176,7 +176,7 @@ impl Dots for Avx512 {
         px.tokens
     }
     #[inline(always)]
-    fn int8_lanes_stored(
+    fn lanes_stored(
         m: &AffineMatrix,
         px: &Prepared,
         out: &Out,
@@ -185,8 +185,8 @@ impl Dots for Avx512 {
         if px.xl.is_empty() || !rows.start.is_multiple_of(16) {
             return false;
         }
-        // SAFETY: this set is only used where AVX-512 + VNNI exist; `xl` holds every token's int8 codes.
-        unsafe { int8_lanes_stored(m, px, out, rows) };
+        // SAFETY: this set is only used where AVX-512 + VNNI exist; `xl` holds every token's int8 slices.
+        unsafe { lanes_stored(m, px, out, rows) };
         true
     }
     #[inline(always)]
@@ -347,9 +347,10 @@ pub(super) unsafe fn prepare_int8_avx512(
 ) -> Prepared {
     debug_assert!(group.is_multiple_of(64) && cols.is_multiple_of(group));
     let (n, tokens) = (x.len(), x.len() / cols);
-    // Also every token's codes in nibble order, not in units order (`Prepared::xl`).
-    let laned = lanes && nibbles && !exact;
-    let mut xl = Aligned::<i8>::zeroed(if laned { 2 * n } else { 0 });
+    // Also every token's codes in nibble order, not in units order (`Prepared::xl`): its two or three slices.
+    let laned = lanes && nibbles;
+    let slices = if exact { 3 } else { 2 };
+    let mut xl = Aligned::<i8>::zeroed(if laned { slices * n } else { 0 });
     let xlp = xl.as_mut_ptr();
     let units = units && nibbles && cols.is_multiple_of(UNIT);
     let groups = n / group;
@@ -437,24 +438,27 @@ pub(super) unsafe fn prepare_int8_avx512(
                     _mm_storeu_si128(q.add(to) as *mut __m128i, hi8);
                     _mm_storeu_si128(r.add(to) as *mut __m128i, lo8);
                 }
+                // Token `t`'s slices in nibble order, each `cols` after the one before.
+                let lane_at = slices * (at / cols) * cols + at % cols + 16 * j;
                 if laned {
-                    // Token `t`'s coarse codes, then its residual ones, in nibble order.
-                    let (t, c) = (at / cols, at % cols + 16 * j);
-                    // SAFETY: `2 · t · cols + cols + c + 16 <= 2n`.
+                    // SAFETY: `lane_at + cols + 16 <= slices · n`.
                     unsafe {
-                        _mm_storeu_si128(xlp.add(2 * t * cols + c) as *mut __m128i, hi8);
-                        _mm_storeu_si128(xlp.add(2 * t * cols + cols + c) as *mut __m128i, lo8);
+                        _mm_storeu_si128(xlp.add(lane_at) as *mut __m128i, hi8);
+                        _mm_storeu_si128(xlp.add(lane_at + cols) as *mut __m128i, lo8);
                     }
                 }
                 if exact {
                     let rest = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(lo), f, rest);
-                    let least = _mm512_cvtps_epi32(_mm512_min_ps(
+                    let least = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(
                         _mm512_max_ps(_mm512_mul_ps(rest, inv_ff), neg),
                         lim,
-                    ));
-                    // SAFETY: as above.
+                    )));
+                    // SAFETY: as above; `lane_at + 2 · cols + 16 <= 3n`.
                     unsafe {
-                        _mm_storeu_si128(s3.add(to) as *mut __m128i, _mm512_cvtsepi32_epi8(least))
+                        _mm_storeu_si128(s3.add(to) as *mut __m128i, least);
+                        if laned {
+                            _mm_storeu_si128(xlp.add(lane_at + 2 * cols) as *mut __m128i, least);
+                        }
                     };
                 }
             }
@@ -1623,16 +1627,11 @@ unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops:
     }
 }
 
-/// int8 tokens against rows `rows` (from a block's first) of a matrix stored in lanes ([`super::lanes_codes`]):
-/// [`int8_lanes`] without the tile to build, each pair of a block's 4-code words unpacked in registers from
+/// Tokens (int8, or f32 as three int8 slices) against rows `rows` (from a block's first) of a matrix stored in
+/// lanes ([`super::lanes_codes`]): [`int8_lanes`] without the tile to build, each pair of a block's 4-code words unpacked in registers from
 /// its 64 bytes (one AND, one shift, one AND).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn int8_lanes_stored(
-    m: &AffineMatrix,
-    px: &Prepared,
-    out: &Out,
-    rows: std::ops::Range<usize>,
-) {
+unsafe fn lanes_stored(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops::Range<usize>) {
     let cols = m.cols;
     let (block_bytes, block_scales) = (8 * cols, 16 * m.groups_per_row() * m.scale_type.size());
     let mut r = rows.start;
@@ -1655,7 +1654,7 @@ unsafe fn int8_lanes_stored(
     }
 }
 
-/// A block of sixteen rows as [`lanes_pass`] reads it: stored so at load ([`int8_lanes_stored`]) or built per
+/// A block of sixteen rows as [`lanes_pass`] reads it: stored so at load ([`lanes_stored`]) or built per
 /// call ([`int8_lanes`]).
 struct LaneRows {
     /// `[cols / 8, 64]`: per pair of words, the sixteen rows' two words in nibbles ([`super::lanes_codes`]).
@@ -1673,81 +1672,120 @@ struct LaneRows {
     mask: __mmask16,
 }
 
-/// The block of rows `l` against every token, in blocks of up to eight.
+/// The block of rows `l` against every token, in balanced blocks of up to eight int8 tokens or six f32 ones
+/// (whose three slices' sums take three registers a token).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn lanes_block(l: &LaneRows, px: &Prepared, out: &Out) {
-    let mut t = 0;
-    while t < px.tokens {
-        let tt = (px.tokens - t).min(8);
+    let exact = !px.xs.is_empty();
+    let blocks = px.tokens.div_ceil(if exact { 6 } else { 8 });
+    for k in 0..blocks {
+        let (t0, t1) = (px.tokens * k / blocks, px.tokens * (k + 1) / blocks);
         unsafe {
-            match tt {
-                8 => lanes_pass::<8>(l, px, out, t),
-                7 => lanes_pass::<7>(l, px, out, t),
-                6 => lanes_pass::<6>(l, px, out, t),
-                5 => lanes_pass::<5>(l, px, out, t),
-                4 => lanes_pass::<4>(l, px, out, t),
-                3 => lanes_pass::<3>(l, px, out, t),
-                2 => lanes_pass::<2>(l, px, out, t),
-                _ => lanes_pass::<1>(l, px, out, t),
+            if exact {
+                lanes_tokens::<true>(l, px, out, t0, t1 - t0)
+            } else {
+                lanes_tokens::<false>(l, px, out, t0, t1 - t0)
             }
         }
-        t += tt;
+    }
+}
+
+/// [`lanes_pass`] for the `n` tokens from `t0`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn lanes_tokens<const EXACT: bool>(
+    l: &LaneRows,
+    px: &Prepared,
+    out: &Out,
+    t0: usize,
+    n: usize,
+) {
+    unsafe {
+        match n {
+            8 => lanes_pass::<8, EXACT>(l, px, out, t0),
+            7 => lanes_pass::<7, EXACT>(l, px, out, t0),
+            6 => lanes_pass::<6, EXACT>(l, px, out, t0),
+            5 => lanes_pass::<5, EXACT>(l, px, out, t0),
+            4 => lanes_pass::<4, EXACT>(l, px, out, t0),
+            3 => lanes_pass::<3, EXACT>(l, px, out, t0),
+            2 => lanes_pass::<2, EXACT>(l, px, out, t0),
+            _ => lanes_pass::<1, EXACT>(l, px, out, t0),
+        }
     }
 }
 
 /// The block of rows `l` against tokens `t0..t0 + T`: per pair of words one load and one AND, one shift and
 /// one AND for the two words; per word and token one `vpdpbusd` takes the token's four coarse codes as a
-/// broadcast memory operand, another its residual ones. Per group and token the sums are converted once,
-/// scaled by the rows' scales and the token's step, and the bias term joins them.
+/// broadcast memory operand, another its residual ones (`EXACT`, f32 activations: a third its finest ones,
+/// [`super::Q8::s`]). The sums are converted once per group and token (`EXACT`: once per 64 codes, below
+/// which a lane of `(128·Σq + Σr)·128 + Σs` stays under 64·15·127·(128² + 128 + 1) < 2³¹), scaled by the
+/// rows' scales and the token's step, and the bias term joins them once per group.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn lanes_pass<const T: usize>(l: &LaneRows, px: &Prepared, out: &Out, t0: usize) {
+unsafe fn lanes_pass<const T: usize, const EXACT: bool>(
+    l: &LaneRows,
+    px: &Prepared,
+    out: &Out,
+    t0: usize,
+) {
     let (pairs, gpr) = (l.group / 8, l.cols / l.group);
-    // Token `t`'s coarse codes as 4-code words; its residual ones follow, `cols / 4` words on.
+    let slices = if EXACT { 3 } else { 2 };
+    // Token `t`'s coarse codes as 4-code words; its finer slices follow, each `cols / 4` words on.
     let x: [*const i32; T] =
-        std::array::from_fn(|t| px.xl[2 * (t0 + t) * l.cols..].as_ptr() as *const i32);
+        std::array::from_fn(|t| px.xl[slices * (t0 + t) * l.cols..].as_ptr() as *const i32);
     let rw = l.cols / 4;
+    let span = if EXACT { 8 } else { pairs };
     let nib = _mm512_set1_epi8(0x0f);
     let mut acc = [_mm512_setzero_ps(); T];
     for g in 0..gpr {
-        let (mut sq, mut sr) = ([_mm512_setzero_si512(); T], [_mm512_setzero_si512(); T]);
-        for p in g * pairs..(g + 1) * pairs {
-            let at = l.codes.wrapping_add(64 * p);
-            if l.stream {
-                // The block's bytes ahead into L1, and further on (the next blocks) into L2.
-                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH) as *const i8);
-                _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PASS_AHEAD) as *const i8);
-            }
-            // SAFETY: pair `p < cols / 8` of the block.
-            let v = unsafe { _mm512_loadu_si512(at as *const _) };
-            let words = [
-                _mm512_and_si512(v, nib),
-                _mm512_and_si512(_mm512_srli_epi16(v, 4), nib),
-            ];
-            for (h, c) in words.iter().enumerate() {
-                let w = 2 * p + h;
-                for t in 0..T {
-                    // SAFETY: word `w < cols / 4` of token `t0 + t`'s two rows of codes.
-                    let (q, r) = unsafe { (*x[t].add(w), *x[t].add(rw + w)) };
-                    sq[t] = _mm512_dpbusd_epi32(sq[t], *c, _mm512_set1_epi32(q));
-                    sr[t] = _mm512_dpbusd_epi32(sr[t], *c, _mm512_set1_epi32(r));
+        // SAFETY: group `g` of the block's sixteen rows.
+        let s = unsafe { scales16(l.scales, l.st, 16 * g, 0xffff) };
+        for p0 in (g * pairs..(g + 1) * pairs).step_by(span) {
+            let mut sq = [_mm512_setzero_si512(); T];
+            let (mut sr, mut ss) = (sq, sq);
+            for p in p0..p0 + span {
+                let at = l.codes.wrapping_add(64 * p);
+                if l.stream {
+                    // The block's bytes ahead into L1, and further on (the next blocks) into L2.
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PASS_AHEAD) as *const i8);
+                }
+                // SAFETY: pair `p < cols / 8` of the block.
+                let v = unsafe { _mm512_loadu_si512(at as *const _) };
+                let words = [
+                    _mm512_and_si512(v, nib),
+                    _mm512_and_si512(_mm512_srli_epi16(v, 4), nib),
+                ];
+                for (h, c) in words.iter().enumerate() {
+                    let w = 2 * p + h;
+                    for t in 0..T {
+                        // SAFETY: word `w < cols / 4` of each of token `t0 + t`'s slices.
+                        let (q, r) = unsafe { (*x[t].add(w), *x[t].add(rw + w)) };
+                        sq[t] = _mm512_dpbusd_epi32(sq[t], *c, _mm512_set1_epi32(q));
+                        sr[t] = _mm512_dpbusd_epi32(sr[t], *c, _mm512_set1_epi32(r));
+                        if EXACT {
+                            let f = unsafe { *x[t].add(2 * rw + w) };
+                            ss[t] = _mm512_dpbusd_epi32(ss[t], *c, _mm512_set1_epi32(f));
+                        }
+                    }
                 }
             }
+            for t in 0..T {
+                let mut i = _mm512_add_epi32(slices_shift::<EXACT>(sq[t]), sr[t]);
+                if EXACT {
+                    i = _mm512_add_epi32(slices_shift::<EXACT>(i), ss[t]);
+                }
+                let v = _mm512_mul_ps(_mm512_cvtepi32_ps(i), s);
+                let dx = px.dx_of(t0 + t)[g];
+                acc[t] = _mm512_fmadd_ps(v, _mm512_set1_ps(dx), acc[t]);
+            }
         }
-        // SAFETY: group `g` of the block's sixteen rows.
-        let (s, b) = unsafe {
-            (
-                scales16(l.scales, l.st, 16 * g, 0xffff),
-                scales16(l.biases, l.st, 16 * g, 0xffff),
-            )
-        };
-        for t in 0..T {
-            let i = _mm512_add_epi32(slices_shift::<false>(sq[t]), sr[t]);
-            let v = _mm512_mul_ps(_mm512_cvtepi32_ps(i), s);
-            let (dx, xs) = (px.dx_of(t0 + t)[g], px.xsum_of(t0 + t)[g]);
-            acc[t] = _mm512_fmadd_ps(v, _mm512_set1_ps(dx), acc[t]);
-            acc[t] = _mm512_fmadd_ps(b, _mm512_set1_ps(xs), acc[t]);
+        // SAFETY: as above.
+        let b = unsafe { scales16(l.biases, l.st, 16 * g, 0xffff) };
+        for (t, a) in acc.iter_mut().enumerate() {
+            let xs = px.xsum_of(t0 + t)[g];
+            *a = _mm512_fmadd_ps(b, _mm512_set1_ps(xs), *a);
         }
     }
     for (t, a) in acc.iter().enumerate() {
