@@ -47,7 +47,8 @@ pub struct AffineMatrix {
     pub activations: Activations,
     /// 4-bit rows stored at load sixteen to a block in the order of the rows-in-lanes kernel, with their
     /// scales and biases per block and group (`kernels::lanes_codes`, `kernels::lanes_scales`): the AVX-512 +
-    /// VNNI int8 kernel multiplies such a matrix (no other kernel does); the dequantizing readers read it back.
+    /// VNNI rows-in-lanes kernel multiplies such a matrix, with int8 activations or f32 ones as three int8
+    /// slices (no other kernel does); the dequantizing readers read it back.
     pub lanes: bool,
 }
 

@@ -275,8 +275,8 @@ impl Weights {
         })
     }
 
-    /// The MLPs' 4-bit matrices (experts, shared experts, dense layers) stored in the order of the int8 kernel
-    /// with rows in lanes, where this CPU has it ([`kernels::lanes_apply`]); `None` for the others. (Storing
+    /// The MLPs' 4-bit matrices (experts, shared experts, dense layers) stored in the order of the kernel with
+    /// rows in lanes, where this CPU has it ([`kernels::lanes_apply`]); `None` for the others. (Storing
     /// the attention's projections and `lm_head` that way as well measured the same: 64 + 64 int8, four
     /// rounds.) Readers that dequantize or read rows still read such a matrix right, only slower.
     fn in_lanes(&self, module: &str, m: &AffineMatrix) -> Result<Option<AffineMatrix>> {

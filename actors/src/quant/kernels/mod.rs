@@ -11,9 +11,9 @@
 //!   in the unpacked chunk order, which those kernels load as it is. **5- and 6-bit** rows are widened to a
 //!   byte per code.
 //!
-//! - **Int8 activations against the MLPs' 4-bit rows** on AVX-512 + VNNI: the rows are stored at load in the
-//!   rows-in-lanes order ([`AffineMatrix::lanes`], [`lanes_codes`]), and every token count, one included, takes
-//!   that kernel with no tile to build.
+//! - **The MLPs' 4-bit rows** on AVX-512 + VNNI (int8 activations; f32 ones as three int8 slices where no
+//!   AMX tiles take them): the rows are stored at load in the rows-in-lanes order ([`AffineMatrix::lanes`],
+//!   [`lanes_codes`]), and every token count, one included, takes that kernel with no tile to build.
 //! - **Twelve or more f32 tokens** on AVX-512 (a prefill's dense matrices, its busiest experts): rows are
 //!   dequantized once into a per-thread tile ([`Dots::f32_tiles`]) instead of being unpacked again for every
 //!   block of tokens; blocks of four tokens meet it with plain FMAs, and from 48 tokens sixteen tokens per
@@ -24,7 +24,8 @@
 //!
 //! Two activation paths:
 //! - **f32**: codes × f32 activations, exact up to summation order. One token of 4-bit (or widened 2-/3-bit)
-//!   rows in groups of 64 or 128 on AVX-512 + VNNI takes the integer kernels instead, with the activations
+//!   rows in groups of 64 or 128 on AVX-512 + VNNI, and any number against rows stored in lanes, takes the
+//!   integer kernels instead, with the activations
 //!   split into three int8 slices (steps 128² apart, see [`EXACT_RESIDUAL`]) that hold each value within
 //!   2⁻²² of its group's largest: as close as f32 sums get, for 9 instead of 12 vector operations per 64 codes;
 //! - **int8**: activations quantized per weight group (step `max|x| / 127`), integer dot products
@@ -617,8 +618,9 @@ trait Dots {
         0
     }
 
-    /// int8 activations of [`LANE_TOKENS`] or more tokens ([`LANE_TOKENS_WIDENED`] on 2/3-bit rows) against
-    /// rows `rows` of 4-bit-order matrix `m`, sixteen rows per register, where this set has a kernel for it:
+    /// int8 activations of [`LANE_TOKENS`] or more tokens ([`LANE_TOKENS_WIDENED`] on 2/3-bit rows), or f32
+    /// ones of [`TILE_TOKENS`] or more as three int8 slices (4-bit rows, `f32_lanes`), against rows `rows` of
+    /// 4-bit-order matrix `m`, sixteen rows per register, where this set has a kernel for it:
     /// it stores the outputs of the tokens from the first and returns how many (0: none).
     #[inline(always)]
     fn int8_lanes(
@@ -723,15 +725,20 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: PrepKey) -> Prepared {
                         },
             )
         },
-        // f32 activations of fewer tokens than the tiles take against 4-bit-order rows, or any number against
-        // rows stored in lanes: three int8 slices, as exact as f32 and fewer instructions per code than
-        // unpacking the codes to f32.
+        // f32 activations of fewer tokens than the tiles take against 4-bit-order rows, of more against 4-bit
+        // rows (without AMX), or any number against rows stored in lanes: three int8 slices, as exact as f32
+        // and fewer instructions per code than unpacking the codes to f32.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Amx
             if nibbles
                 && act == Activations::F32
-                && (lanes || exact_slices(isa, x.len() / cols, cols, group)) =>
-        unsafe { x86::prepare_int8_avx512(x, cols, group, nibbles, units, true, lanes) },
+                && (lanes
+                    || exact_slices(isa, x.len() / cols, cols, group)
+                    || f32_lanes(isa, x.len() / cols, packed4, group)) =>
+        unsafe {
+            let laned = lanes || f32_lanes(isa, x.len() / cols, packed4, group);
+            x86::prepare_int8_avx512(x, cols, group, nibbles, units && !laned, true, laned)
+        },
         #[cfg(target_arch = "x86_64")]
         Isa::Amx
             if nibbles
@@ -778,6 +785,17 @@ fn exact_slices(isa: Isa, tokens: usize, cols: usize, group: usize) -> bool {
         1 => group.is_multiple_of(64),
         _ => (2..tiles).contains(&tokens) && cols.is_multiple_of(UNIT) && matches!(group, 64 | 128),
     }
+}
+
+/// Whether `tokens` f32 tokens against 4-bit rows in the MLX layout take the rows-in-lanes kernel
+/// (`x86::int8_lanes`, its tile built per call) as three int8 slices: [`TILE_TOKENS`] or more, groups of a
+/// multiple of 64, AVX-512 + VNNI without AMX (whose tiles take them). Against the f32 tiles, two threads,
+/// µs per call: sixteen 768×2048 matrices in turn at 12, 16, 32 and 64 tokens 314–335 → 230–240, 363–378 →
+/// 307–309, 641–716 → 466–527, 1090–1108 → 883–986; one 2048×2048 at 64 tokens 3235–3529 → 2604–2899. Below
+/// twelve the unit-order kernel is faster (at 11 tokens 213–217 against 250–259).
+#[cfg(target_arch = "x86_64")]
+fn f32_lanes(isa: Isa, tokens: usize, packed4: bool, group: usize) -> bool {
+    isa == Isa::Avx512 && packed4 && group.is_multiple_of(64) && tokens >= TILE_TOKENS
 }
 
 /// [`widen`] into the start of `out`; returns the bytes written.
@@ -1313,7 +1331,8 @@ mod tests {
         }
     }
 
-    /// Fewer f32 tokens than the tiles take meet 4-bit-order rows on AVX-512 + VNNI as three int8 slices:
+    /// Fewer f32 tokens than the tiles take meet 4-bit-order rows on AVX-512 + VNNI as three int8 slices (more
+    /// tokens 4-bit rows, in the rows-in-lanes kernel):
     /// within 2⁻²² of each group's `max|x|` per value, so the outputs are as close to f64 sums as the f32
     /// kernels' (without the third slice, 2⁻¹⁵ of `max|x|`, they were ~100× farther and this test fails).
     #[cfg(target_arch = "x86_64")]
@@ -1325,7 +1344,9 @@ mod tests {
         // One token on 2- and 3-bit rows (widened): four rows per pass, 37 rows leave one to the one-row
         // kernel. Several tokens, or one on 4-bit rows: two rows per pass in unit order, 37 leave one; 11
         // tokens make two blocks (5 + 6), 9 two of 4 + 5. 384 columns are not whole units of 256: one token
-        // stays out of unit order there, several on f32.
+        // stays out of unit order there, several on f32. From twelve tokens 4-bit rows take the rows-in-lanes
+        // kernel with the slices in nibble order (12: blocks of 6 + 6, 50: nine blocks of 5–6, 37 rows a
+        // partial block of sixteen); 3-bit rows the f32 tiles.
         for (t, bits, group, cols, rows, slices) in [
             (1, 4, 64, 2048, 37, true),
             (1, 4, 128, 768, 40, true),
@@ -1338,6 +1359,9 @@ mod tests {
             (9, 3, 64, 768, 37, true),
             (11, 2, 128, 512, 38, true),
             (3, 4, 64, 384, 37, false),
+            (12, 4, 64, 2048, 37, true),
+            (50, 4, 128, 768, 40, true),
+            (12, 3, 64, 512, 37, false),
         ] {
             let mut x = activations(t * cols);
             // Values far below their group's largest, and an all-zero group.
@@ -1351,7 +1375,9 @@ mod tests {
                 (group, true, Activations::F32, bits == 4, false),
             );
             assert_eq!(px.xs.len(), if slices { t * cols } else { 0 }, "t {t}");
-            let units = slices && (t >= 2 || bits == 4) && cols.is_multiple_of(UNIT);
+            let laned = slices && t >= TILE_TOKENS;
+            assert_eq!(px.xl.len(), if laned { 3 * t * cols } else { 0 }, "t {t}");
+            let units = slices && !laned && (t >= 2 || bits == 4) && cols.is_multiple_of(UNIT);
             assert_eq!(px.units, units, "t {t} bits {bits} {cols}");
             let case = format!("t {t} bits {bits} g {group} {rows}×{cols}");
             assert_as_exact(&m, &x, [Isa::Avx2, Isa::Avx512], &case);

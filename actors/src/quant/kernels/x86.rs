@@ -171,7 +171,7 @@ impl Dots for Avx512 {
             return 0;
         }
         // SAFETY: this set is only used where AVX-512 + VNNI exist; `xl` is prepared for int8 activations
-        // of 4-bit-order rows (4-bit, or 2/3-bit) in groups of a multiple of 64.
+        // (or f32 ones' slices) of 4-bit-order rows (4-bit, or 2/3-bit) in groups of a multiple of 64.
         unsafe { int8_lanes(m, px, out, rows) };
         px.tokens
     }
@@ -1547,8 +1547,8 @@ unsafe fn units_pass<
     }
 }
 
-/// int8 tokens ([`Prepared::xl`]) against 4-bit rows `rows` (or 2/3-bit ones, widened with VBMI), sixteen
-/// rows per register: each block of sixteen rows is unpacked once into a tile in the form the MLPs' matrices
+/// int8 tokens, or f32 ones as three int8 slices ([`Prepared::xl`]), against 4-bit rows `rows` (or 2/3-bit
+/// ones, widened with VBMI), sixteen rows per register: each block of sixteen rows is unpacked once into a tile in the form the MLPs' matrices
 /// are stored in at load (per pair of 4-code words, the sixteen rows' two words in nibbles), with its scales
 /// and biases per group, and [`lanes_pass`] takes it as it takes those. No shuffles, permutations or
 /// horizontal sums in the loop, and each output register is sixteen consecutive outputs of a token.
