@@ -787,15 +787,21 @@ fn exact_slices(isa: Isa, tokens: usize, cols: usize, group: usize) -> bool {
     }
 }
 
-/// Whether `tokens` f32 tokens against 4-bit rows in the MLX layout take the rows-in-lanes kernel
-/// (`x86::int8_lanes`, its tile built per call) as three int8 slices: [`TILE_TOKENS`] or more, groups of a
-/// multiple of 64, AVX-512 + VNNI without AMX (whose tiles take them). Against the f32 tiles, two threads,
-/// µs per call: sixteen 768×2048 matrices in turn at 12, 16, 32 and 64 tokens 314–335 → 230–240, 363–378 →
-/// 307–309, 641–716 → 466–527, 1090–1108 → 883–986; one 2048×2048 at 64 tokens 3235–3529 → 2604–2899. Below
-/// twelve the unit-order kernel is faster (at 11 tokens 213–217 against 250–259).
+/// Whether `tokens` f32 tokens against 4-bit-order rows in the MLX layout take the rows-in-lanes kernel
+/// (`x86::int8_lanes`, its tile built per call) as three int8 slices: [`TILE_TOKENS`] or more, 4-bit rows (2-
+/// and 3-bit ones with VBMI, widened into the tile), groups of a multiple of 64, AVX-512 + VNNI without AMX
+/// (whose tiles take them). Against the f32 tiles, two threads, µs per call: sixteen 768×2048 matrices in turn
+/// at 12, 16, 32 and 64 tokens 314–335 → 230–240, 363–378 → 307–309, 641–716 → 466–527, 1090–1108 → 883–986;
+/// one 2048×2048 at 64 tokens 3235–3529 → 2604–2899; 3-bit rows at 12, 16 and 64 tokens 318–377 → 216–252,
+/// 378–389 → 263–279, 1113–1131 → 881–889, 2-bit at 12 and 64 tokens 276–279 → 202, 1107–1157 → 868–870.
+/// Below twelve the unit-order kernel is faster (4-bit at 11 tokens 213–217 against 250–259, 3-bit at 8
+/// 165–167 against 172–188).
 #[cfg(target_arch = "x86_64")]
 fn f32_lanes(isa: Isa, tokens: usize, packed4: bool, group: usize) -> bool {
-    isa == Isa::Avx512 && packed4 && group.is_multiple_of(64) && tokens >= TILE_TOKENS
+    isa == Isa::Avx512
+        && (packed4 || x86::has_vbmi())
+        && group.is_multiple_of(64)
+        && tokens >= TILE_TOKENS
 }
 
 /// [`widen`] into the start of `out`; returns the bytes written.
@@ -1346,7 +1352,7 @@ mod tests {
         // tokens make two blocks (5 + 6), 9 two of 4 + 5. 384 columns are not whole units of 256: one token
         // stays out of unit order there, several on f32. From twelve tokens 4-bit rows take the rows-in-lanes
         // kernel with the slices in nibble order (12: blocks of 6 + 6, 50: nine blocks of 5–6, 37 rows a
-        // partial block of sixteen); 3-bit rows the f32 tiles.
+        // partial block of sixteen), 2- and 3-bit rows too where VBMI widens them (else the f32 tiles).
         for (t, bits, group, cols, rows, slices) in [
             (1, 4, 64, 2048, 37, true),
             (1, 4, 128, 768, 40, true),
@@ -1361,7 +1367,8 @@ mod tests {
             (3, 4, 64, 384, 37, false),
             (12, 4, 64, 2048, 37, true),
             (50, 4, 128, 768, 40, true),
-            (12, 3, 64, 512, 37, false),
+            (12, 3, 64, 512, 37, true),
+            (16, 2, 128, 384, 37, true),
         ] {
             let mut x = activations(t * cols);
             // Values far below their group's largest, and an all-zero group.
@@ -1374,8 +1381,9 @@ mod tests {
                 cols,
                 (group, true, Activations::F32, bits == 4, false),
             );
+            let laned = t >= TILE_TOKENS && (bits == 4 || x86::has_vbmi());
+            let slices = slices && (t < TILE_TOKENS || laned);
             assert_eq!(px.xs.len(), if slices { t * cols } else { 0 }, "t {t}");
-            let laned = slices && t >= TILE_TOKENS;
             assert_eq!(px.xl.len(), if laned { 3 * t * cols } else { 0 }, "t {t}");
             let units = slices && !laned && (t >= 2 || bits == 4) && cols.is_multiple_of(UNIT);
             assert_eq!(px.units, units, "t {t} bits {bits} {cols}");
