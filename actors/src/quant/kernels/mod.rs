@@ -14,8 +14,8 @@
 //! - **The MLPs' 4-bit rows** on AVX-512 + VNNI (int8 activations; f32 ones as three int8 slices where no
 //!   AMX tiles take them): the rows are stored at load in the rows-in-lanes order ([`AffineMatrix::lanes`],
 //!   [`lanes_codes`]), and every token count, one included, takes that kernel with no tile to build.
-//! - **Twelve or more f32 tokens** on AVX-512 (a prefill's dense matrices, its busiest experts): rows are
-//!   dequantized once into a per-thread tile ([`Dots::f32_tiles`]) instead of being unpacked again for every
+//! - **Twelve or more f32 tokens** on AVX-512 where the rows-in-lanes kernel does not take them (with AMX,
+//!   groups of 32, widened rows without VBMI): rows are dequantized once into a per-thread tile ([`Dots::f32_tiles`]) instead of being unpacked again for every
 //!   block of tokens; blocks of four tokens meet it with plain FMAs, and from 48 tokens sixteen tokens per
 //!   register of activations transposed once per call ([`Prepared::xt`]).
 //! - **Five or more f32 tokens** where the CPU has AMX tiles with bf16 products ([`Isa::Amx`]): the codes and
@@ -24,9 +24,9 @@
 //!
 //! Two activation paths:
 //! - **f32**: codes × f32 activations, exact up to summation order. One token of 4-bit (or widened 2-/3-bit)
-//!   rows in groups of 64 or 128 on AVX-512 + VNNI, and any number against rows stored in lanes, takes the
-//!   integer kernels instead, with the activations
-//!   split into three int8 slices (steps 128² apart, see [`EXACT_RESIDUAL`]) that hold each value within
+//!   rows in groups of 64 or 128 on AVX-512 + VNNI, any number against rows stored in lanes, and twelve or
+//!   more against 4-bit-order rows without AMX, take the integer kernels instead, with the activations split
+//!   into three int8 slices (steps 128² apart, see [`EXACT_RESIDUAL`]) that hold each value within
 //!   2⁻²² of its group's largest: as close as f32 sums get, for 9 instead of 12 vector operations per 64 codes;
 //! - **int8**: activations quantized per weight group (step `max|x| / 127`), integer dot products
 //!   (u8 codes × i8, VNNI `vpdpbusd` where present), `scale·dx` applied per group, and the bias term
@@ -619,9 +619,9 @@ trait Dots {
     }
 
     /// int8 activations of [`LANE_TOKENS`] or more tokens ([`LANE_TOKENS_WIDENED`] on 2/3-bit rows), or f32
-    /// ones of [`TILE_TOKENS`] or more as three int8 slices (4-bit rows, `f32_lanes`), against rows `rows` of
-    /// 4-bit-order matrix `m`, sixteen rows per register, where this set has a kernel for it:
-    /// it stores the outputs of the tokens from the first and returns how many (0: none).
+    /// ones of [`TILE_TOKENS`] or more as three int8 slices (`f32_lanes`), against rows `rows` of 4-bit-order
+    /// matrix `m`, sixteen rows per register, where this set has a kernel for it: it stores the outputs of the
+    /// tokens from the first and returns how many (0: none).
     #[inline(always)]
     fn int8_lanes(
         _m: &AffineMatrix,
@@ -633,8 +633,8 @@ trait Dots {
     }
 
     /// int8 (or f32, as three int8 slices) activations of any number of tokens against rows `rows` (whole
-    /// blocks of sixteen from the first) of a matrix stored in lanes ([`AffineMatrix::lanes`]); false where this set has no kernel
-    /// for it.
+    /// blocks of sixteen from the first) of a matrix stored in lanes ([`AffineMatrix::lanes`]); false where
+    /// this set has no kernel for it.
     #[inline(always)]
     fn lanes_stored(
         _m: &AffineMatrix,
@@ -1604,7 +1604,8 @@ mod tests {
     }
 
     /// f32 tokens against rows stored in lanes, as three int8 slices, are as close to f64 sums as the AVX2 f32
-    /// kernels on the MLX layout: one token (decode) up to 17 (blocks of six: 6 + 6 + 5, and 5 + 4 for nine),
+    /// kernels on the MLX layout: one token (decode) up to 17 (balanced blocks of at most six: 5 + 6 + 6, and
+    /// 4 + 5 for nine),
     /// groups of 64 and 128 (whose integer sums are converted every 64 codes: over 128 they would overflow),
     /// rows that are not whole blocks of sixteen, and a task split of 600 rows.
     #[cfg(target_arch = "x86_64")]

@@ -1548,8 +1548,8 @@ unsafe fn units_pass<
 }
 
 /// int8 tokens, or f32 ones as three int8 slices ([`Prepared::xl`]), against 4-bit rows `rows` (or 2/3-bit
-/// ones, widened with VBMI), sixteen rows per register: each block of sixteen rows is unpacked once into a tile in the form the MLPs' matrices
-/// are stored in at load (per pair of 4-code words, the sixteen rows' two words in nibbles), with its scales
+/// ones, widened with VBMI), sixteen rows per register: each block of sixteen rows is unpacked once into a
+/// tile in the form the MLPs' matrices are stored in at load (per pair of 4-code words, the sixteen rows' two words in nibbles), with its scales
 /// and biases per group, and [`lanes_pass`] takes it as it takes those. No shuffles, permutations or
 /// horizontal sums in the loop, and each output register is sixteen consecutive outputs of a token.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
@@ -1677,6 +1677,7 @@ struct LaneRows {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn lanes_block(l: &LaneRows, px: &Prepared, out: &Out) {
+    // f32 activations carry their third slice (`Prepared::xs`), int8 ones none.
     let exact = !px.xs.is_empty();
     let blocks = px.tokens.div_ceil(if exact { 6 } else { 8 });
     for k in 0..blocks {
