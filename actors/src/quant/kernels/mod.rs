@@ -864,7 +864,11 @@ const TILE_TOKENS: usize = 12;
 /// int8 tokens per call from which the AVX-512 kernel with rows in lanes (`x86::int8_lanes`) takes them all.
 /// Measured with two threads against the unit-order kernel: 2048×2048 at 64 tokens 149 → 172 GMAC/s, 32
 /// tokens +10 %, 16 the same; 2048×768 at 16 tokens +13–25 %, at 12 +4–15 %; 768×2048 at 8 tokens 20 %
-/// slower, at 12–16 the same.
+/// slower, at 12–16 the same (a Xeon VM, one matrix called again and again, whose rows then sit in the other
+/// core's L2 half the time). On an EPYC VM, sixteen matrices in turn, two threads, µs per call, rows in
+/// lanes against unit order: 2048×2048 at 16 tokens 579–611 against 481–522 (15 % slower), at 32 the same,
+/// at 64 1661–1681 against 1778–1862; 768×2048 at 16 tokens 215 against 178. The crossover depends on the
+/// CPU; sixteen stays.
 #[cfg(target_arch = "x86_64")]
 const LANE_TOKENS: usize = 16;
 /// [`LANE_TOKENS`] for 2- and 3-bit rows (widened with VBMI once per block of rows, not once per block of
