@@ -1315,7 +1315,7 @@ impl<'a> RowReader<'a> {
     }
 }
 
-/// The lanes of a block of sixteen groups that exist when `left` groups remain in the row.
+/// The lanes of sixteen that exist when `left` remain: groups of a row, or rows of a block.
 #[inline(always)]
 fn group_mask(left: usize) -> __mmask16 {
     if left >= 16 { 0xffff } else { (1 << left) - 1 }
@@ -1549,18 +1549,26 @@ unsafe fn units_pass<
 
 /// int8 tokens, or f32 ones as three int8 slices ([`Prepared::xl`]), against 4-bit rows `rows` (or 2/3-bit
 /// ones, widened with VBMI), sixteen rows per register: each block of sixteen rows is unpacked once into a
-/// tile in the form the MLPs' matrices are stored in at load (per pair of 4-code words, the sixteen rows' two words in nibbles), with its scales
-/// and biases per group, and [`lanes_pass`] takes it as it takes those. No shuffles, permutations or
+/// tile in the form the MLPs' matrices are stored in at load (per pair of 4-code words, the sixteen rows' two
+/// words in nibbles), with its scales and biases per group, and [`lanes_pass`] takes it as it takes those. No shuffles, permutations or
 /// horizontal sums in the loop, and each output register is sixteen consecutive outputs of a token.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops::Range<usize>) {
     let (cols, gpr, rb) = (m.cols, m.groups_per_row(), m.row_bytes());
-    // The block in the stored-lanes form (`super::lanes_codes`): per pair of words, 64 bytes.
-    let mut tile = Aligned::<u8>::zeroed(8 * cols);
-    let mut codes = Aligned::<u8>::zeroed(16 * cols);
-    let (mut sc, mut bi) = (vec![0f32; 16 * gpr], vec![0f32; 16 * gpr]);
-    // `[group, 16]`: the sixteen rows' scales and biases of each group.
-    let (mut sv, mut bv) = (vec![0f32; 16 * gpr], vec![0f32; 16 * gpr]);
+    // The per-thread tile ([`take_tile`], every byte written before it is read), as bytes: the block in the
+    // stored-lanes form (`super::lanes_codes`: per pair of words, 64 bytes; `8 · cols`), then its sixteen rows
+    // a byte per code (`16 · cols`, on a 64-byte boundary as `cols` is a multiple of 64).
+    let (mut buf, mut sums) = take_tile(6 * cols);
+    // SAFETY: `buf` holds at least `6 · cols` f32, `24 · cols` bytes, and outlives both views.
+    let (tile, codes) = unsafe {
+        std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, 24 * cols)
+            .split_at_mut(8 * cols)
+    };
+    // The rows' scales and biases as read, then `[group, 16]`: the sixteen rows' values of each group.
+    sums.resize(4 * 16 * gpr, 0.0);
+    let (sc, rest) = sums.split_at_mut(16 * gpr);
+    let (bi, rest) = rest.split_at_mut(16 * gpr);
+    let (sv, bv) = rest.split_at_mut(16 * gpr);
     let mut r = rows.start;
     while r < rows.end {
         let n = (rows.end - r).min(16);
@@ -1620,16 +1628,17 @@ unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops:
             group: m.group,
             rows: m.rows,
             r0: r,
-            mask: if n == 16 { 0xffff } else { (1 << n) - 1 },
+            mask: group_mask(n),
         };
         unsafe { lanes_block(&l, px, out) };
         r += n;
     }
+    TILE.with(|c| c.set((Some(buf), sums)));
 }
 
 /// Tokens (int8, or f32 as three int8 slices) against rows `rows` (from a block's first) of a matrix stored in
-/// lanes ([`super::lanes_codes`]): [`int8_lanes`] without the tile to build, each pair of a block's 4-code words unpacked in registers from
-/// its 64 bytes (one AND, one shift, one AND).
+/// lanes ([`super::lanes_codes`]): [`int8_lanes`] without the tile to build, each pair of a block's 4-code
+/// words unpacked in registers from its 64 bytes (one AND, one shift, one AND).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn lanes_stored(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops::Range<usize>) {
     let cols = m.cols;
@@ -1647,7 +1656,7 @@ unsafe fn lanes_stored(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::op
             group: m.group,
             rows: m.rows,
             r0: r,
-            mask: if n == 16 { 0xffff } else { (1 << n) - 1 },
+            mask: group_mask(n),
         };
         unsafe { lanes_block(&l, px, out) };
         r += n;
