@@ -48,6 +48,7 @@ enum Command {
 }
 
 fn main() {
+    engine::malloc::keep_freed_memory();
     // The quantized kernels run on the engine's own pool of spinning workers. candle's CPU ops (attention over
     // the latent cache, norms) would otherwise fan out on rayon's threads too, and the two pools would take
     // cores from each other on every step; they run on the calling thread instead, unless the user says.

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod malloc;
 pub mod model;
 pub mod placement;
 pub mod quant;
