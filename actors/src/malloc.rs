@@ -16,19 +16,24 @@ pub fn keep_freed_memory() {
             })
         });
         if !user_set {
-            // SAFETY: `mallopt` only changes the allocator's parameters; both values are in range.
-            unsafe {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-                libc::mallopt(libc::M_TOP_PAD, 16 << 20);
-            }
+            apply();
         }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn apply() {
+    // SAFETY: `mallopt` only changes the allocator's parameters; both values are in range.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TOP_PAD, 16 << 20);
     }
 }
 
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {
     /// Minor page faults of the calling thread so far.
-    fn thread_faults() -> i64 {
+    fn thread_faults() -> libc::c_long {
         // SAFETY: `getrusage` fills the struct it is given.
         unsafe {
             let mut r: libc::rusage = std::mem::zeroed();
@@ -46,7 +51,8 @@ mod tests {
 
     #[test]
     fn a_layer_s_buffers_do_not_fault_in_again() {
-        super::keep_freed_memory();
+        // The settings themselves, whatever `MALLOC_*_` variables the test's environment holds.
+        super::apply();
         // A fresh thread: its own arena, as the kernels' pool workers have.
         let faults = std::thread::spawn(|| {
             layer();
