@@ -71,8 +71,8 @@ fn story_mlx_mixed() {
 }
 
 /// `--quantize q4 --activations int8` on the bf16 fixture: on AVX-512 + VNNI the MLPs' matrices are stored in
-/// lanes at load (not the attention's; for f32 activations too, without AMX), and the int8 path stays within the bound of the f32 path on the same
-/// quantized weights, prefill and decode.
+/// lanes at load (not the attention's; for f32 activations too, without AMX), and the int8 path stays within
+/// the bound of the f32 path on the same quantized weights, prefill and decode.
 #[test]
 fn quantized_at_load_stored_in_lanes() {
     let open = |activations| {

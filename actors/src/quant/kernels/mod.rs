@@ -15,9 +15,10 @@
 //!   AMX tiles take them): the rows are stored at load in the rows-in-lanes order ([`AffineMatrix::lanes`],
 //!   [`lanes_codes`]), and every token count, one included, takes that kernel with no tile to build.
 //! - **Twelve or more f32 tokens** on AVX-512 where the rows-in-lanes kernel does not take them (with AMX,
-//!   groups of 32, widened rows without VBMI): rows are dequantized once into a per-thread tile ([`Dots::f32_tiles`]) instead of being unpacked again for every
-//!   block of tokens; blocks of four tokens meet it with plain FMAs, and from 48 tokens sixteen tokens per
-//!   register of activations transposed once per call ([`Prepared::xt`]).
+//!   groups of 32, widened rows without VBMI): rows are dequantized once into a per-thread tile
+//!   ([`Dots::f32_tiles`]) instead of being unpacked again for every block of tokens; blocks of four tokens
+//!   meet it with plain FMAs, and from 48 tokens sixteen tokens per register of activations transposed once
+//!   per call ([`Prepared::xt`]).
 //! - **Five or more f32 tokens** where the CPU has AMX tiles with bf16 products ([`Isa::Amx`]): the codes and
 //!   the activations, split into three bf16 parts each so that every product is exact, meet in tile products
 //!   (`amx`).
@@ -705,6 +706,10 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: PrepKey) -> Prepared {
     // (one 768×2048 matrix in L2, one thread, f32 and int8).
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     let units = (x.len() / cols >= 2 || packed4) && !lanes;
+    // f32 activations for the rows-in-lanes kernels: stored in lanes, or built per call (`f32_lanes`).
+    #[cfg(target_arch = "x86_64")]
+    let f32_laned =
+        act == Activations::F32 && (lanes || f32_lanes(isa, x.len() / cols, packed4, group));
     match isa {
         // SAFETY: as in `run_rows`.
         #[cfg(target_arch = "x86_64")]
@@ -732,12 +737,17 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: PrepKey) -> Prepared {
         Isa::Avx512 | Isa::Amx
             if nibbles
                 && act == Activations::F32
-                && (lanes
-                    || exact_slices(isa, x.len() / cols, cols, group)
-                    || f32_lanes(isa, x.len() / cols, packed4, group)) =>
+                && (f32_laned || exact_slices(isa, x.len() / cols, cols, group)) =>
         unsafe {
-            let laned = lanes || f32_lanes(isa, x.len() / cols, packed4, group);
-            x86::prepare_int8_avx512(x, cols, group, nibbles, units && !laned, true, laned)
+            x86::prepare_int8_avx512(
+                x,
+                cols,
+                group,
+                nibbles,
+                units && !f32_laned,
+                true,
+                f32_laned,
+            )
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Amx
@@ -1609,9 +1619,8 @@ mod tests {
 
     /// f32 tokens against rows stored in lanes, as three int8 slices, are as close to f64 sums as the AVX2 f32
     /// kernels on the MLX layout: one token (decode) up to 17 (balanced blocks of at most six: 5 + 6 + 6, and
-    /// 4 + 5 for nine),
-    /// groups of 64 and 128 (whose integer sums are converted every 64 codes: over 128 they would overflow),
-    /// rows that are not whole blocks of sixteen, and a task split of 600 rows.
+    /// 4 + 5 for nine), groups of 64 and 128 (whose integer sums are converted every 64 codes: over 128 they
+    /// would overflow), rows that are not whole blocks of sixteen, and a task split of 600 rows.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn f32_rows_stored_in_lanes_are_as_exact_as_f32_sums() {

@@ -1550,8 +1550,9 @@ unsafe fn units_pass<
 /// int8 tokens, or f32 ones as three int8 slices ([`Prepared::xl`]), against 4-bit rows `rows` (or 2/3-bit
 /// ones, widened with VBMI), sixteen rows per register: each block of sixteen rows is unpacked once into a
 /// tile in the form the MLPs' matrices are stored in at load (per pair of 4-code words, the sixteen rows' two
-/// words in nibbles), with its scales and biases per group, and [`lanes_pass`] takes it as it takes those. No shuffles, permutations or
-/// horizontal sums in the loop, and each output register is sixteen consecutive outputs of a token.
+/// words in nibbles), with its scales and biases per group, and [`lanes_pass`] takes it as it takes those.
+/// No shuffles, permutations or horizontal sums in the loop, and each output register is sixteen consecutive
+/// outputs of a token.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops::Range<usize>) {
     let (cols, gpr, rb) = (m.cols, m.groups_per_row(), m.row_bytes());
