@@ -46,6 +46,16 @@ fn plain_q_proj_and_group_limited_routing() {
     );
 }
 
+/// 2-, 3-, 5-, 6- and 8-bit modules in groups of 32, 64 and 128 (the fixture's `logits-reference.json` names them).
+#[test]
+fn mlx_bits_and_groups_per_module() {
+    check(
+        fixture("variant-bits-groups/model"),
+        "variant-bits-groups/logits-reference.json",
+        "mlx_mixed",
+    );
+}
+
 #[test]
 fn story_bf16_mlx_layout() {
     check(
