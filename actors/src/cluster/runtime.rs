@@ -8,7 +8,7 @@ use super::link::{Link, Trust};
 use super::node::{
     NODES_GROUP, Progress, Shard, control_name, load_shard, secret, start_node_server,
 };
-use super::units::{Activations, ComputeClock, Peers, SeqId, blocking};
+use super::units::{Activations, ComputeClock, Peers, SeqId, compute};
 use super::wire::{Floats, Reply, Request, SeqTokens};
 use crate::error::{Error, Result};
 use crate::placement::{Plan, model_fingerprint};
@@ -161,7 +161,7 @@ impl Runtime {
         let tokens: Vec<u32> = batch.iter().flat_map(|(_, t)| t.iter().copied()).collect();
         let seqs: Vec<(SeqId, usize)> = batch.iter().map(|(s, t)| (*s, t.len())).collect();
         let h = head.clone();
-        let mut x = blocking(move || h.embed(&tokens)).await?;
+        let mut x = compute(move || h.embed(&tokens)).await?;
         for (node, range) in self.plan.stages() {
             x = if node == 0 {
                 self.shard.run_layers(range, &seqs, x).await?
@@ -202,7 +202,7 @@ impl Runtime {
         };
         let n = rows.len();
         let x = x.index_select(&Tensor::from_vec(rows, n, &Device::Cpu)?, 0)?;
-        Ok(blocking(move || head.logits(&x)).await?.to_vec2()?)
+        Ok(compute(move || head.logits(&x)).await?.to_vec2()?)
     }
 
     /// Drops sequences' caches everywhere.
