@@ -48,7 +48,7 @@ pub struct NodeTraffic {
     pub bytes_in: u64,
     /// Time the head waited for this node's replies.
     pub wait_ns: u64,
-    /// Time this node computed (its blocking pool).
+    /// Time this node computed (its actors' math).
     pub compute_ns: u64,
 }
 
