@@ -335,8 +335,9 @@ const QUERY_BLOCK: usize = 64;
 const HEADS_ON_POOL: usize = 16;
 
 /// Keys from which a step of fewer than [`HEADS_ON_POOL`] new tokens splits them over the pool
-/// ([`core_split_keys`]). Decode on the bench model, 64 tokens after a prompt of 64, 192 and 448: the same,
-/// +3 % and +5–13 % (two rounds); at 1024 and 2048, 70.2 → 80.6 and 57.6 → 71.2 tok/s.
+/// ([`core_split_keys`]). Decode on the bench model after prompts of 64, 192 and 448 tokens (64 decoded, two
+/// rounds): the same, +3 %, +5–13 %; after 1024 and 2048 (32 decoded, one round) 70.2 → 80.6 and 57.6 → 71.2
+/// tok/s.
 const KEYS_ON_POOL: usize = 128;
 
 /// [`core`] with the keys split into `spans` tasks on the kernels' pool, for a few queries against a long
@@ -370,8 +371,8 @@ fn core_split_keys(
         let mut sums = vec![0f32; rows];
         for (row, s) in scores.chunks_exact_mut(nk).enumerate() {
             // Query `row % L` sees the keys up to its own position.
-            let seen = (past + row % l + 1).saturating_sub(keys.start).min(nk);
-            let (seen, hidden) = s.split_at_mut(seen);
+            let visible = (past + row % l + 1).saturating_sub(keys.start).min(nk);
+            let (seen, hidden) = s.split_at_mut(visible);
             (largest[row], sums[row]) = exp_from_largest(seen, scale);
             hidden.fill(0.0);
         }
@@ -493,8 +494,6 @@ fn load_head_projections(
 mod tests {
     use super::*;
 
-    /// Queries in blocks (here 64 + 64 + 22, after 0 or 10 cached tokens) give what one pass over all the keys
-    /// with candle's scale, `-inf` mask and softmax gives.
     fn val(len: usize, seed: usize) -> Vec<f32> {
         (0..len)
             .map(|i| (((i + seed) * 7919 % 613) as f32 / 306.5) - 1.0)
@@ -524,6 +523,8 @@ mod tests {
         Ok(out.flatten_all()?.to_vec1::<f32>()?)
     }
 
+    /// Queries in blocks (here 64 + 64 + 22, after 0 or 10 cached tokens) give what one pass over all the keys
+    /// with candle's scale, `-inf` mask and softmax gives.
     #[test]
     fn blocks_of_queries_match_one_masked_pass() -> Result<()> {
         let (hh, l, r, e) = (2, 150, 16, 8);
