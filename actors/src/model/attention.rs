@@ -500,6 +500,34 @@ mod tests {
             .collect()
     }
 
+    const SCALE: f32 = 0.3;
+
+    /// `(q_lat [hh, l, r], q_pe [hh, l, e], kv [past + l, r + e])` of fixed pseudo-random values.
+    fn inputs(
+        hh: usize,
+        l: usize,
+        past: usize,
+        r: usize,
+        e: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let n = past + l;
+        Ok((
+            Tensor::from_vec(val(hh * l * r, 1), (hh, l, r), &Device::Cpu)?,
+            Tensor::from_vec(val(hh * l * e, 2), (hh, l, e), &Device::Cpu)?,
+            Tensor::from_vec(val(n * (r + e), 3), (n, r + e), &Device::Cpu)?,
+        ))
+    }
+
+    /// Every value of `got` within 1e-5 of `want`.
+    fn assert_close(got: &Tensor, want: &[f32], what: &str) -> Result<()> {
+        let got = got.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= 1e-5, "{what}, value {i}: {g} against {w}");
+        }
+        Ok(())
+    }
+
     /// Attention as candle computes it over all the keys: scale, an additive `-inf` causal mask, softmax.
     fn one_masked_pass(
         q_lat: &Tensor,
@@ -530,24 +558,11 @@ mod tests {
         let (hh, l, r, e) = (2, 150, 16, 8);
         assert!(l > 2 * QUERY_BLOCK && !l.is_multiple_of(QUERY_BLOCK));
         for past in [0, 10] {
-            let n = past + l;
-            let q_lat = Tensor::from_vec(val(hh * l * r, 1), (hh, l, r), &Device::Cpu)?;
-            let q_pe = Tensor::from_vec(val(hh * l * e, 2), (hh, l, e), &Device::Cpu)?;
-            let kv = Tensor::from_vec(val(n * (r + e), 3), (n, r + e), &Device::Cpu)?;
+            let (q_lat, q_pe, kv) = inputs(hh, l, past, r, e)?;
             let values = kv.narrow(1, 0, r)?.contiguous()?;
-            let scale = 0.3f32;
-            let got = core(&q_lat, &q_pe, &kv, &values, past, scale)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-
-            let want = one_masked_pass(&q_lat, &q_pe, &kv, &values, past, scale)?;
-            assert_eq!(got.len(), want.len());
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - w).abs() <= 1e-5,
-                    "past {past}, value {i}: {g} against {w}"
-                );
-            }
+            let got = core(&q_lat, &q_pe, &kv, &values, past, SCALE)?;
+            let want = one_masked_pass(&q_lat, &q_pe, &kv, &values, past, SCALE)?;
+            assert_close(&got, &want, &format!("past {past}"))?;
         }
         Ok(())
     }
@@ -558,23 +573,11 @@ mod tests {
     fn keys_in_spans_match_one_masked_pass() -> Result<()> {
         let (hh, r, e) = (3, 16, 8);
         for (l, past, spans) in [(1, 300, 2), (1, 37, 3), (5, 0, 2), (4, 9, 5), (2, 130, 1)] {
-            let n = past + l;
-            let q_lat = Tensor::from_vec(val(hh * l * r, 1), (hh, l, r), &Device::Cpu)?;
-            let q_pe = Tensor::from_vec(val(hh * l * e, 2), (hh, l, e), &Device::Cpu)?;
-            let kv = Tensor::from_vec(val(n * (r + e), 3), (n, r + e), &Device::Cpu)?;
+            let (q_lat, q_pe, kv) = inputs(hh, l, past, r, e)?;
             let values = kv.narrow(1, 0, r)?;
-            let scale = 0.3f32;
-            let got = core_split_keys(&q_lat, &q_pe, &kv, &values, past, scale, spans)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let want = one_masked_pass(&q_lat, &q_pe, &kv, &values, past, scale)?;
-            assert_eq!(got.len(), want.len());
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - w).abs() <= 1e-5,
-                    "l {l}, past {past}, {spans} spans, value {i}: {g} against {w}"
-                );
-            }
+            let got = core_split_keys(&q_lat, &q_pe, &kv, &values, past, SCALE, spans)?;
+            let want = one_masked_pass(&q_lat, &q_pe, &kv, &values, past, SCALE)?;
+            assert_close(&got, &want, &format!("l {l}, past {past}, {spans} spans"))?;
         }
         Ok(())
     }
