@@ -10,6 +10,8 @@ pub mod mlp;
 pub mod moe;
 pub mod norm;
 pub mod rope;
+#[cfg(target_arch = "x86_64")]
+mod span;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};

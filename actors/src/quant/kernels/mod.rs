@@ -47,6 +47,8 @@ mod neon;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::lane_sums16;
 
 use crate::quant::affine::{AffineMatrix, widen, widened_len};
 use crate::quant::bf16::Bf16Matrix;

@@ -1833,7 +1833,7 @@ unsafe fn unpack_nibbles(packed: &[u8], out: &mut [u8]) {
 /// in `v`, so a row's result does not depend on the rows and tokens beside it.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn lane_sums16(v: &[__m512; 16]) -> __m512 {
+pub(crate) fn lane_sums16(v: &[__m512; 16]) -> __m512 {
     // Pairs (a, b): per 128-bit lane [a0+a2, b0+b2, a1+a3, b1+b3].
     let mut p = [_mm512_setzero_ps(); 8];
     for (i, p) in p.iter_mut().enumerate() {
