@@ -1,7 +1,8 @@
 //! One span of a decode step's attention with AVX-512: a few queries against a span of the cached latents,
-//! read in place. candle's gemm packs the span (its keys transposed, its values) on every call, which cost
-//! more than the products against a long cache; these loops read each key and value once per four queries.
+//! read in place, each key once from memory (in blocks that stay in L2 from their scores to their values).
+//! candle's gemm packs the span (its keys transposed, its values) on every call.
 
+use crate::model::exp::exp;
 use crate::quant::kernels::{Isa, lane_sums16};
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -16,7 +17,7 @@ const V: usize = 64;
 /// enough ahead. One span of 1024 bench-model keys from memory in a probe: 570 µs → 390–480 µs (8 keys
 /// ahead: 450, 32: 460–500).
 const AHEAD: usize = 16;
-/// Keys per block of the weighted sums: 64 of Kimi-K2's 576 floats are 147 KB.
+/// Keys per block: 64 of Kimi-K2's 576 floats are 147 KB.
 const KEYS_IN_L2: usize = 64;
 
 /// Per query row: the weighted sum of the values `[rows, r]`, the largest scaled score and the sum of the
@@ -48,49 +49,68 @@ pub fn span(
     let nk = keys.len();
     let q: Vec<&[f32]> = query.chunks_exact(d).collect();
     let k: Vec<&[f32]> = kv[keys.start * d..keys.end * d].chunks_exact(d).collect();
-    let mut scores = vec![0f32; rows * nk];
-    // Keys outermost: each is read from memory once, then serves every block of queries from L1.
-    for j0 in (0..nk).step_by(K) {
-        for i0 in (0..rows).step_by(R) {
-            if i0 + R <= rows && j0 + K <= nk {
-                // SAFETY: AVX-512 F was detected.
-                let s = unsafe { dots(&q[i0..i0 + R], &k[j0..j0 + K], i0 == 0) };
-                for (i, s) in s.chunks_exact(K).enumerate() {
-                    scores[(i0 + i) * nk + j0..][..K].copy_from_slice(s);
+    let (mut largest, mut sums) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
+    let mut weighted = vec![0f32; rows * r];
+    let mut scores = vec![0f32; rows * KEYS_IN_L2.min(nk)];
+    // Keys in blocks that stay in L2 from their scores to their values, so each is read from memory once. A
+    // row's weights in a block are taken against the block's largest score, then brought to the largest so
+    // far (rescaling the sums before them where the block's is larger).
+    for b0 in (0..nk).step_by(KEYS_IN_L2) {
+        let kb = &k[b0..(b0 + KEYS_IN_L2).min(nk)];
+        let nb = kb.len();
+        // Keys outermost: each serves every block of queries from L1.
+        for j0 in (0..nb).step_by(K) {
+            for i0 in (0..rows).step_by(R) {
+                if i0 + R <= rows && j0 + K <= nb {
+                    // SAFETY: AVX-512 F was detected.
+                    let s = unsafe { dots(&q[i0..i0 + R], &kb[j0..j0 + K], i0 == 0) };
+                    for (i, s) in s.chunks_exact(K).enumerate() {
+                        scores[(i0 + i) * nb + j0..][..K].copy_from_slice(s);
+                    }
+                    continue;
                 }
-                continue;
-            }
-            for i in i0..(i0 + R).min(rows) {
-                for j in j0..(j0 + K).min(nk) {
-                    scores[i * nk + j] = q[i].iter().zip(k[j]).map(|(a, b)| a * b).sum();
+                for i in i0..(i0 + R).min(rows) {
+                    for j in j0..(j0 + K).min(nb) {
+                        scores[i * nb + j] = q[i].iter().zip(kb[j]).map(|(a, b)| a * b).sum();
+                    }
                 }
             }
         }
-    }
-    let (mut largest, mut sums) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
-    for (row, s) in scores.chunks_exact_mut(nk.max(1)).enumerate() {
-        let (seen, hidden) = s.split_at_mut(visible(row).min(nk));
-        (largest[row], sums[row]) = super::attention::exp_from_largest(seen, scale);
-        hidden.fill(0.0);
-    }
-    let mut weighted = vec![0f32; rows * r];
-    let p: Vec<&[f32]> = scores.chunks_exact(nk.max(1)).collect();
-    // Keys in blocks that stay in L2 while every block of queries and values passes over them.
-    for j0 in (0..nk).step_by(KEYS_IN_L2) {
-        let j1 = (j0 + KEYS_IN_L2).min(nk);
+        for (row, s) in scores[..rows * nb].chunks_exact_mut(nb).enumerate() {
+            let (seen, hidden) = s.split_at_mut(visible(row).saturating_sub(b0).min(nb));
+            let (block_largest, mut sum) = super::attention::exp_from_largest(seen, scale);
+            hidden.fill(0.0);
+            if block_largest == f32::NEG_INFINITY {
+                continue; // the row sees none of this block
+            }
+            if block_largest > largest[row] {
+                let f = exp(largest[row] - block_largest);
+                weighted[row * r..(row + 1) * r]
+                    .iter_mut()
+                    .for_each(|w| *w *= f);
+                sums[row] *= f;
+                largest[row] = block_largest;
+            } else {
+                let f = exp(block_largest - largest[row]);
+                seen.iter_mut().for_each(|p| *p *= f);
+                sum *= f;
+            }
+            sums[row] += sum;
+        }
+        let p: Vec<&[f32]> = scores[..rows * nb].chunks_exact(nb).collect();
         for i0 in (0..rows).step_by(R) {
             for c0 in (0..r).step_by(V) {
                 if i0 + R <= rows && c0 + V <= r {
                     // SAFETY: AVX-512 F was detected.
-                    unsafe { weigh(&p[i0..i0 + R], &k, j0..j1, c0, &mut weighted[i0 * r..], r) };
+                    unsafe { weigh(&p[i0..i0 + R], kb, c0, &mut weighted[i0 * r..], r) };
                     continue;
                 }
                 let width = (r - c0).min(V);
                 for i in i0..(i0 + R).min(rows) {
                     let out = &mut weighted[i * r + c0..][..width];
-                    for j in j0..j1 {
-                        for (o, v) in out.iter_mut().zip(&k[j][c0..c0 + width]) {
-                            *o += p[i][j] * v;
+                    for (pj, key) in p[i].iter().zip(kb) {
+                        for (o, v) in out.iter_mut().zip(&key[c0..c0 + width]) {
+                            *o += pj * v;
                         }
                     }
                 }
@@ -148,9 +168,9 @@ fn dots(q: &[&[f32]], k: &[&[f32]], ahead: bool) -> [f32; R * K] {
     out
 }
 
-/// Adds floats `c0..c0 + V` of `Σ_j p[i][j] · k[j]` over keys `keys` to rows `i < R` of `out` (`[R, r]`).
+/// Adds floats `c0..c0 + V` of `Σ_j p[i][j] · k[j]` to rows `i < R` of `out` (`[R, r]`).
 #[target_feature(enable = "avx512f")]
-fn weigh(p: &[&[f32]], k: &[&[f32]], keys: Range<usize>, c0: usize, out: &mut [f32], r: usize) {
+fn weigh(p: &[&[f32]], k: &[&[f32]], c0: usize, out: &mut [f32], r: usize) {
     let mut acc = [_mm512_setzero_ps(); R * V / 16];
     for i in 0..R {
         for c in 0..V / 16 {
@@ -159,8 +179,8 @@ fn weigh(p: &[&[f32]], k: &[&[f32]], keys: Range<usize>, c0: usize, out: &mut [f
                 unsafe { _mm512_loadu_ps(out[i * r + c0 + 16 * c..][..16].as_ptr()) };
         }
     }
-    for j in keys {
-        let v = &k[j][c0..c0 + V];
+    for (j, key) in k.iter().enumerate() {
+        let v = &key[c0..c0 + V];
         let mut vc = [_mm512_setzero_ps(); V / 16];
         for c in 0..V / 16 {
             // SAFETY: `v` holds `V` floats.
@@ -191,22 +211,22 @@ mod tests {
     use super::*;
 
     /// Against a plain loop: blocks of queries, keys and values and their remainders (rows 9 = 2·4 + 1,
-    /// keys 4k + 1 or 2, value width 2·64 + 16 + 8, key width 16·11 + 8), keys a row does not see, and a
-    /// row that sees none of the span.
+    /// spans of 2 to 150 keys: up to three blocks of [`KEYS_IN_L2`], the last partial; value width 2·64 + 24,
+    /// key width 16·11 + 8), rows that see the first keys only, and a row that sees none of the span.
     #[test]
     fn span_matches_a_plain_loop() {
         if !available() {
             return;
         }
-        let (rows, r, e, n) = (9, 152, 32, 50);
+        let (rows, r, e, n) = (9, 152, 32, 150);
         let d = r + e;
         let val = |i: usize, m: usize| ((i * 7919 % m) as f32 / m as f32) - 0.5;
         let query: Vec<f32> = (0..rows * d).map(|i| val(i, 613)).collect();
         let kv: Vec<f32> = (0..n * d).map(|i| val(i, 827)).collect();
         let scale = 0.3;
-        for keys in [0..n, 7..48, 12..14] {
+        for keys in [0..n, 7..140, 12..14, 60..75] {
             let nk = keys.len();
-            let visible = |row: usize| if row == 4 { 0 } else { (row * 5 + 1).min(nk) };
+            let visible = |row: usize| if row == 4 { 0 } else { (row * 19 + 1).min(nk) };
             let got = span(&query, &kv, (d, r), keys.clone(), visible, scale);
             for row in 0..rows {
                 let seen = visible(row);
