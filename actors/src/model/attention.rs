@@ -368,33 +368,55 @@ fn core_split_keys(
     let rows = hh * l;
     let query = Tensor::cat(&[q_lat, q_pe], 2)?.reshape((rows, ()))?; // [hh·L, r+e]
     let tasks = spans.clamp(1, n.max(1));
-    // Query `row % L` sees the keys up to its own position: of a span from key `start`, this many.
-    let visible = |row: usize, start: usize| (past + row % l + 1).saturating_sub(start);
-    #[cfg(target_arch = "x86_64")]
-    let parts = if in_place {
-        spans_in_place(&query, kv, r, tasks, &visible, scale)?
-    } else {
-        spans_gemm(&query, kv, r, tasks, &visible, scale)?
+    // In place: the cache's floats, read where they lie, and the queries as floats.
+    let kv = kv.contiguous()?;
+    let storage = in_place.then(|| kv.storage_and_layout());
+    let cache = match &storage {
+        Some((storage, layout)) => match (&**storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(cpu), Some((from, to))) => Some((
+                &cpu.as_slice::<f32>()?[from..to],
+                query.flatten_all()?.to_vec1::<f32>()?,
+            )),
+            _ => {
+                return Err(Error::Invalid(
+                    "the latent cache is not a CPU tensor".into(),
+                ));
+            }
+        },
+        None => None,
     };
-    #[cfg(not(target_arch = "x86_64"))]
-    let parts = {
-        debug_assert!(!in_place, "the span kernels are x86-64 only");
-        spans_gemm(&query, kv, r, tasks, &visible, scale)?
+    let part = |t: usize| -> Result<Span> {
+        let keys = n * t / tasks..n * (t + 1) / tasks;
+        // Query `row % L` sees the keys up to its own position: of this span, this many.
+        let start = keys.start;
+        let visible = |row: usize| (past + row % l + 1).saturating_sub(start);
+        match &cache {
+            #[cfg(target_arch = "x86_64")]
+            Some((cache, q)) => {
+                let d = q.len() / rows;
+                Ok(super::span::span(q, cache, (d, r), keys, visible, scale))
+            }
+            _ => span_gemm(&query, &kv, r, keys, visible, scale),
+        }
     };
+    let parts = Pool::global()
+        .map(tasks, &part)
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
     let mut out = vec![0f32; rows * r];
     for (row, o) in out.chunks_exact_mut(r).enumerate() {
         let largest = parts
             .iter()
-            .map(|p| p.1[row])
+            .map(|p| p.largest[row])
             .fold(f32::NEG_INFINITY, f32::max);
         let mut total = 0f32;
-        for (weighted, part_largest, sums) in &parts {
-            if part_largest[row] == f32::NEG_INFINITY {
+        for p in &parts {
+            if p.largest[row] == f32::NEG_INFINITY {
                 continue; // this span holds none of the keys the query sees
             }
-            let f = exp(part_largest[row] - largest);
-            total += f * sums[row];
-            for (d, w) in o.iter_mut().zip(&weighted[row * r..(row + 1) * r]) {
+            let f = exp(p.largest[row] - largest);
+            total += f * p.sums[row];
+            for (d, w) in o.iter_mut().zip(&p.weighted[row * r..(row + 1) * r]) {
                 *d += f * w;
             }
         }
@@ -417,73 +439,46 @@ fn in_place() -> bool {
     false
 }
 
-/// Per span of [`core_split_keys`]: the weighted values `[rows, r]`, and per query row the largest score and
-/// the sum of the weights.
-type SpanSums = (Vec<f32>, Vec<f32>, Vec<f32>);
-
-/// The spans with candle's gemm (the scores, then the weighted values), one task each.
-fn spans_gemm(
-    query: &Tensor,
-    kv: &Tensor,
-    r: usize,
-    tasks: usize,
-    visible: &(dyn Fn(usize, usize) -> usize + Sync),
-    scale: f32,
-) -> Result<Vec<SpanSums>> {
-    let n = kv.dims()[0];
-    let part = |t: usize| -> Result<SpanSums> {
-        let keys = n * t / tasks..n * (t + 1) / tasks;
-        let nk = keys.len();
-        let mut scores = query
-            .matmul(&kv.narrow(0, keys.start, nk)?.t()?)?
-            .flatten_all()?
-            .to_vec1::<f32>()?; // [rows, nk]
-        let rows = scores.len() / nk.max(1);
-        let (mut largest, mut sums) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
-        for (row, s) in scores.chunks_exact_mut(nk).enumerate() {
-            let (seen, hidden) = s.split_at_mut(visible(row, keys.start).min(nk));
-            (largest[row], sums[row]) = exp_from_largest(seen, scale);
-            hidden.fill(0.0);
-        }
-        let weights = Tensor::from_vec(scores, (rows, nk), &Device::Cpu)?;
-        let weighted = weights
-            .matmul(&kv.narrow(0, keys.start, nk)?.narrow(1, 0, r)?)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        Ok((weighted, largest, sums))
-    };
-    Pool::global().map(tasks, &part).into_iter().collect()
+/// One span of [`core_split_keys`], per query row: the weighted sum of the values `[rows, r]`, the largest
+/// scaled score and the sum of the weights (`-inf` and 0 where the row sees no key of the span).
+pub(super) struct Span {
+    pub weighted: Vec<f32>,
+    pub largest: Vec<f32>,
+    pub sums: Vec<f32>,
 }
 
-/// The spans with [`super::span::span`], which reads the cache in place, one task each.
-#[cfg(target_arch = "x86_64")]
-fn spans_in_place(
+/// One span with candle's gemm: the scores of keys `keys` of `kv`, then the values they weigh. A row sees the
+/// span's first `visible(row)` keys.
+fn span_gemm(
     query: &Tensor,
     kv: &Tensor,
     r: usize,
-    tasks: usize,
-    visible: &(dyn Fn(usize, usize) -> usize + Sync),
+    keys: Range<usize>,
+    visible: impl Fn(usize) -> usize,
     scale: f32,
-) -> Result<Vec<SpanSums>> {
-    let (n, d) = kv.dims2()?;
-    let query: Vec<f32> = query.flatten_all()?.to_vec1()?;
-    let kv = kv.contiguous()?;
-    let (storage, layout) = kv.storage_and_layout();
-    let (candle_core::Storage::Cpu(cpu), Some((from, to))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
-        return Err(Error::Invalid(
-            "the latent cache is not a CPU tensor".into(),
-        ));
-    };
-    let kv = &cpu.as_slice::<f32>()?[from..to];
-    let part = |t: usize| {
-        let keys = n * t / tasks..n * (t + 1) / tasks;
-        let start = keys.start;
-        let s = super::span::span(&query, kv, (d, r), keys, |row| visible(row, start), scale);
-        (s.weighted, s.largest, s.sums)
-    };
-    Ok(Pool::global().map(tasks, &part))
+) -> Result<Span> {
+    let nk = keys.len();
+    let mut scores = query
+        .matmul(&kv.narrow(0, keys.start, nk)?.t()?)?
+        .flatten_all()?
+        .to_vec1::<f32>()?; // [rows, nk]
+    let rows = scores.len() / nk.max(1);
+    let (mut largest, mut sums) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
+    for (row, s) in scores.chunks_exact_mut(nk).enumerate() {
+        let (seen, hidden) = s.split_at_mut(visible(row).min(nk));
+        (largest[row], sums[row]) = exp_from_largest(seen, scale);
+        hidden.fill(0.0);
+    }
+    let weights = Tensor::from_vec(scores, (rows, nk), &Device::Cpu)?;
+    let weighted = weights
+        .matmul(&kv.narrow(0, keys.start, nk)?.narrow(1, 0, r)?)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(Span {
+        weighted,
+        largest,
+        sums,
+    })
 }
 
 /// Rows of `n` scores `[h·L, N]` → attention probabilities, in place: each score scaled, the keys after a

@@ -2,6 +2,7 @@
 //! read in place, each key once from memory (in blocks that stay in L2 from their scores to their values).
 //! candle's gemm packs the span (its keys transposed, its values) on every call.
 
+use super::attention::Span;
 use crate::model::exp::exp;
 use crate::quant::kernels::{Isa, lane_sums16};
 use std::arch::x86_64::*;
@@ -19,14 +20,6 @@ const V: usize = 64;
 const AHEAD: usize = 16;
 /// Keys per block: 64 of Kimi-K2's 576 floats are 147 KB.
 const KEYS_IN_L2: usize = 64;
-
-/// Per query row: the weighted sum of the values `[rows, r]`, the largest scaled score and the sum of the
-/// weights (`-inf` and 0 where the row sees no key of the span).
-pub struct Span {
-    pub weighted: Vec<f32>,
-    pub largest: Vec<f32>,
-    pub sums: Vec<f32>,
-}
 
 /// Whether [`span`] runs here.
 pub fn available() -> bool {
