@@ -118,7 +118,7 @@ pub struct ExpertGroup {
 }
 
 impl ExpertGroup {
-    /// Loads experts `ids` of `layer`, a share on each of the machine's threads, each share in its own
+    /// Loads experts `ids` of `layer`, a share on each of the kernels' pool threads, each share in its own
     /// stream of resident memory (in order). Copying the bytes (first touch of the pages included), or
     /// storing them in lanes, is the loader's main work: the bench model, stored in lanes, loaded in
     /// 0.72–0.75 s instead of 1.35–1.37 (two threads, three runs, files in the page cache).
@@ -134,29 +134,17 @@ impl ExpertGroup {
                 w.config.n_routed_experts
             )));
         }
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per = ids.len().div_ceil(threads).max(1);
-        let load = |part: &[usize]| -> Result<Vec<(usize, Mlp)>> {
-            part.iter()
-                .map(|&e| Ok((e, Mlp::load_expert(w, layer, e)?)))
-                .collect()
-        };
-        let parts: Vec<Result<Vec<(usize, Mlp)>>> = std::thread::scope(|s| {
-            let handles: Vec<_> = ids
-                .chunks(per)
-                .enumerate()
-                .map(|(k, part)| s.spawn(move || in_stream(k, || load(part))))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(Error::Invalid(format!(
-                            "layer {layer}: a thread loading experts panicked"
-                        )))
-                    })
-                })
-                .collect()
+        let pool = Pool::global();
+        let shares: Vec<&[usize]> = ids
+            .chunks(ids.len().div_ceil(pool.threads()).max(1))
+            .collect();
+        let parts = pool.map(shares.len(), &|k| {
+            in_stream(k, || -> Result<Vec<(usize, Mlp)>> {
+                shares[k]
+                    .iter()
+                    .map(|&e| Ok((e, Mlp::load_expert(w, layer, e)?)))
+                    .collect()
+            })
         });
         let mut experts = BTreeMap::new();
         for part in parts {
