@@ -1,10 +1,13 @@
 //! Quantized matmul kernels: GB/s of weights per bit width, activation path and instruction set, for one token
 //! (decode) and for 8 tokens (a prefill slice routed to one expert); and one expert projection against 1–8
-//! tokens, in GB/s of weights times tokens.
+//! tokens, in GB/s of weights times tokens, stored as the loader stores it; and the int8 kernels' arithmetic
+//! ceiling on x86 (`vpdpbusd`'s rate).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use engine::quant::affine::AffineMatrix;
-use engine::quant::kernels::{Activations, Isa, affine_matmul_isa};
+use engine::quant::kernels::{
+    Activations, Isa, affine_matmul, affine_matmul_isa, lanes_apply, stored_in_lanes,
+};
 
 fn matrix(rows: usize, cols: usize, bits: u32) -> AffineMatrix {
     let mut s = 1u64;
@@ -42,38 +45,89 @@ fn kernels(c: &mut Criterion) {
         }
         g.finish();
     }
-    // One bench-shape expert projection (768 × 2048, 4-bit) against the 1–8 tokens a prefill routes to it. Each
-    // call takes the next of eight experts, as a prefill does: one matrix called again and again on two threads
-    // measures mostly its rows moving between the cores' L2 caches (the pool hands rows out dynamically).
-    let experts: Vec<AffineMatrix> = (0..8).map(|_| matrix(768, 2048, 4)).collect();
-    let mut g = c.benchmark_group("expert_768x2048_4bit");
-    for tokens in [1, 2, 4, 8] {
-        let x: Vec<f32> = (0..tokens * 2048)
-            .map(|i| (i % 13) as f32 / 13.0 - 0.5)
-            .collect();
-        g.throughput(Throughput::Bytes(
-            (experts[0].weight_bytes() * tokens) as u64,
-        ));
+    // One bench-shape expert projection (768 × 2048, 4-bit) against the 1–8 tokens a prefill routes to it,
+    // stored as the loader stores it (in lanes where this CPU's kernels read that layout). Each call takes the
+    // next of `n` experts, as a prefill does: one matrix called again and again on two threads measures mostly
+    // its rows moving between the cores' L2 caches (the pool hands rows out dynamically). Eight experts (6 MB)
+    // stay in a large last-level cache; 256 (200 MB) come from memory, as a prefill's do.
+    for n in [8, 256] {
+        let mut g = c.benchmark_group(format!("expert_768x2048_4bit_x{n}"));
         for act in [Activations::F32, Activations::Int8] {
-            let id = BenchmarkId::new(format!("{act:?}"), format!("t{tokens}"));
-            let mut y = vec![0f32; tokens * 768];
-            let mut call = 0;
-            g.bench_function(id, |b| {
-                b.iter(|| {
-                    call += 1;
-                    let m = &experts[call % experts.len()];
-                    affine_matmul_isa(Isa::detect(), m, &x, &mut y, act)
+            let experts: Vec<AffineMatrix> = (0..n)
+                .map(|_| {
+                    let mut m = matrix(768, 2048, 4);
+                    m.activations = act;
+                    if lanes_apply(&m) {
+                        stored_in_lanes(&m)
+                    } else {
+                        m
+                    }
                 })
-            });
+                .collect();
+            for tokens in [1, 2, 4, 8] {
+                let x: Vec<f32> = (0..tokens * 2048)
+                    .map(|i| (i % 13) as f32 / 13.0 - 0.5)
+                    .collect();
+                g.throughput(Throughput::Bytes(
+                    (experts[0].weight_bytes() * tokens) as u64,
+                ));
+                let id = BenchmarkId::new(format!("{act:?}"), format!("t{tokens}"));
+                let mut y = vec![0f32; tokens * 768];
+                let mut call = 0;
+                g.bench_function(id, |b| {
+                    b.iter(|| {
+                        call += 1;
+                        affine_matmul(&experts[call % n], &x, &mut y)
+                    })
+                });
+            }
+        }
+        g.finish();
+    }
+}
+
+/// The int8 kernels' arithmetic ceiling on x86 with AVX-512 + VNNI: `vpdpbusd` on 512-bit registers in
+/// twelve independent chains on one thread, in byte products per second (64 an instruction). The f32 path
+/// takes three of them per weight and activation, the int8 path two (`benches/README.md`).
+#[cfg(target_arch = "x86_64")]
+fn ceiling(c: &mut Criterion) {
+    if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")) {
+        return;
+    }
+    const ROUNDS: usize = 1 << 16;
+    let mut g = c.benchmark_group("ceiling");
+    g.throughput(Throughput::Elements((ROUNDS * 12 * 64) as u64));
+    g.bench_function("vpdpbusd_zmm_one_thread", |b| {
+        // SAFETY: the CPU has AVX-512F and VNNI (checked above).
+        b.iter(|| unsafe { dpbusd_chains(ROUNDS, std::hint::black_box(3)) })
+    });
+    g.finish();
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn ceiling(_: &mut Criterion) {}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+fn dpbusd_chains(rounds: usize, v: i8) -> i32 {
+    use std::arch::x86_64::*;
+    let (w, x) = (_mm512_set1_epi8(v), _mm512_set1_epi8(v.wrapping_add(2)));
+    let mut acc = [_mm512_setzero_si512(); 12];
+    for _ in 0..rounds {
+        for a in acc.iter_mut() {
+            *a = _mm512_dpbusd_epi32(*a, w, x);
         }
     }
-    g.finish();
+    _mm512_reduce_add_epi32(
+        acc.iter()
+            .fold(_mm512_setzero_si512(), |s, a| _mm512_add_epi32(s, *a)),
+    )
 }
 
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300))
         .measurement_time(std::time::Duration::from_millis(800));
-    targets = kernels
+    targets = kernels, ceiling
 }
 criterion_main!(benches);

@@ -964,6 +964,30 @@ pub fn row_from_lanes(m: &AffineMatrix, r: usize, row: &mut [u8]) {
     }
 }
 
+/// `m` (4-bit, groups of a multiple of 64) stored in lanes as the loader stores it ([`lanes_codes`],
+/// [`lanes_scales`]), in owned buffers (tests, benchmarks). The buffers start as `0xaa`, so a byte the
+/// conversions leave unwritten shows.
+pub fn stored_in_lanes(m: &AffineMatrix) -> AffineMatrix {
+    assert!(
+        m.bits == 4 && m.group.is_multiple_of(64) && m.cols.is_multiple_of(m.group),
+        "rows in lanes are 4-bit in groups of a multiple of 64, not {} bits in groups of {}",
+        m.bits,
+        m.group
+    );
+    let (nc, ns) = lanes_sizes(m);
+    let (mut packed, mut scales, mut biases) = (vec![0xaa; nc], vec![0xaa; ns], vec![0xaa; ns]);
+    lanes_codes(m, &mut packed);
+    lanes_scales(m, &m.scales, &mut scales);
+    lanes_scales(m, &m.biases, &mut biases);
+    AffineMatrix {
+        packed: crate::weights::Buf::owned(packed),
+        scales: crate::weights::Buf::owned(scales),
+        biases: crate::weights::Buf::owned(biases),
+        lanes: true,
+        ..m.clone()
+    }
+}
+
 /// `m`'s scales or biases (`src`, row-major) in the order of [`AffineMatrix::lanes`] into `dst`
 /// ([`lanes_sizes`]): per block of sixteen rows and group, the sixteen rows' values in `m`'s scale type (zero
 /// for the padding rows).
@@ -1543,23 +1567,6 @@ mod tests {
                     }
                 }
             }
-        }
-    }
-
-    /// `m` stored in lanes as the loader stores it ([`lanes_codes`], [`lanes_scales`]), from buffers that start
-    /// as garbage.
-    fn stored_in_lanes(m: &AffineMatrix) -> AffineMatrix {
-        let (nc, ns) = lanes_sizes(m);
-        let (mut packed, mut scales, mut biases) = (vec![0xaa; nc], vec![0xaa; ns], vec![0xaa; ns]);
-        lanes_codes(m, &mut packed);
-        lanes_scales(m, &m.scales, &mut scales);
-        lanes_scales(m, &m.biases, &mut biases);
-        AffineMatrix {
-            packed: crate::weights::Buf::owned(packed),
-            scales: crate::weights::Buf::owned(scales),
-            biases: crate::weights::Buf::owned(biases),
-            lanes: true,
-            ..m.clone()
         }
     }
 
