@@ -189,14 +189,23 @@ fn load_units(
 }
 
 impl Shard {
-    /// Runs layers `range` (all held here) over the sequences' new tokens `x` (rows in `seqs` order).
+    /// Runs layers `range` (all held here) over the sequences' new tokens `x` (rows in `seqs` order); the
+    /// last layer of the range keeps the last `outputs[i]` rows of sequence `i` (see [`Segment::outputs`]).
     pub async fn run_layers(
         &self,
         range: std::ops::Range<usize>,
         seqs: &[(SeqId, usize)],
+        outputs: &[usize],
         mut x: Tensor,
     ) -> Result<Tensor> {
-        for l in range {
+        if outputs.len() != seqs.len() {
+            return Err(Error::Cluster(format!(
+                "{} output counts for {} sequences",
+                outputs.len(),
+                seqs.len()
+            )));
+        }
+        for l in range.clone() {
             let attn = self
                 .attention
                 .get(&l)
@@ -206,8 +215,18 @@ impl Shard {
                 .get(&l)
                 .ok_or_else(|| Error::Cluster(format!("layer {l} is not held here")))?;
             let seqs = seqs.to_vec();
+            let outputs = if l + 1 == range.end {
+                outputs.to_vec()
+            } else {
+                seqs.iter().map(|s| s.1).collect()
+            };
             let (h, m) = ask(attn, &format!("attention {l}"), |reply| {
-                AttentionMsg::Forward { seqs, x, reply }
+                AttentionMsg::Forward {
+                    seqs,
+                    outputs,
+                    x,
+                    reply,
+                }
             })
             .await?;
             let y = ask(ffn, &format!("mlp {l}"), |reply| FfnMsg::Forward {
@@ -278,12 +297,13 @@ impl Shard {
             } => {
                 let rows = hidden.len() / cols.max(1) as usize;
                 let x = Tensor::from_vec(hidden.to_f32(), (rows, cols as usize), &Device::Cpu)?;
+                let outputs: Vec<usize> = seqs.iter().map(|s| s.outputs as usize).collect();
                 let seqs: Vec<(SeqId, usize)> = seqs
                     .iter()
                     .map(|s: &SeqTokens| (s.seq, s.tokens as usize))
                     .collect();
                 let y = self
-                    .run_layers(start as usize..end as usize, &seqs, x)
+                    .run_layers(start as usize..end as usize, &seqs, &outputs, x)
                     .await?;
                 Ok(Reply::Hidden {
                     cols,

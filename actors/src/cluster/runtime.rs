@@ -160,48 +160,62 @@ impl Runtime {
             .ok_or_else(|| Error::Cluster("this node is not the head".into()))?;
         let tokens: Vec<u32> = batch.iter().flat_map(|(_, t)| t.iter().copied()).collect();
         let seqs: Vec<(SeqId, usize)> = batch.iter().map(|(s, t)| (*s, t.len())).collect();
+        if seqs.iter().any(|s| s.1 == 0) {
+            return Err(Error::Invalid(
+                "a step needs at least one token per sequence".into(),
+            ));
+        }
         let h = head.clone();
         let mut x = compute(move || h.embed(&tokens)).await?;
+        let layers = self.plan.layers.len();
         for (node, range) in self.plan.stages() {
+            // The model's last layer computes only the rows whose logits are wanted.
+            let outputs: Vec<usize> = seqs
+                .iter()
+                .map(|&(_, n)| {
+                    if range.end == layers && !all_positions {
+                        1
+                    } else {
+                        n
+                    }
+                })
+                .collect();
             x = if node == 0 {
-                self.shard.run_layers(range, &seqs, x).await?
+                self.shard.run_layers(range, &seqs, &outputs, x).await?
             } else {
                 let link = self.peers.link(node)?;
-                let (rows, cols) = x.dims2()?;
+                let cols = x.dims2()?.1;
                 let req = Request::Layers {
                     start: range.start as u32,
                     end: range.end as u32,
                     seqs: seqs
                         .iter()
-                        .map(|&(seq, n)| SeqTokens {
+                        .zip(&outputs)
+                        .map(|(&(seq, n), &k)| SeqTokens {
                             seq,
                             tokens: n as u32,
+                            outputs: k as u32,
                         })
                         .collect(),
                     cols: cols as u32,
                     hidden: Floats::from_f32(&x.flatten_all()?.to_vec1::<f32>()?),
                 };
+                let rows: usize = outputs.iter().sum();
                 match link.call(req).await? {
-                    Reply::Hidden { data, .. } => {
+                    Reply::Hidden { data, .. } if data.len() == rows * cols => {
                         Tensor::from_vec(data.to_f32(), (rows, cols), &Device::Cpu)?
+                    }
+                    Reply::Hidden { data, .. } => {
+                        return Err(Error::Cluster(format!(
+                            "node {node} sent {} values for {rows} rows of {cols}",
+                            data.len()
+                        )));
                     }
                     other => return Err(Error::Cluster(format!("unexpected reply {other:?}"))),
                 }
             };
         }
-        let rows: Vec<u32> = if all_positions {
-            (0..x.dims()[0] as u32).collect()
-        } else {
-            let mut end = 0;
-            seqs.iter()
-                .map(|(_, n)| {
-                    end += *n as u32;
-                    end - 1
-                })
-                .collect()
-        };
-        let n = rows.len();
-        let x = x.index_select(&Tensor::from_vec(rows, n, &Device::Cpu)?, 0)?;
+        // `x`: the rows the last layer kept, every position or each sequence's last.
         Ok(compute(move || head.logits(&x)).await?.to_vec2()?)
     }
 

@@ -97,9 +97,11 @@ impl ComputeClock {
 // ---- Attention(l) ----
 
 pub enum AttentionMsg {
-    /// Rows of `x` are the sequences' new tokens, in order: `(h, post-attention-normed h)`.
+    /// Rows of `x` are the sequences' new tokens, in order: `(h, post-attention-normed h)` of the last
+    /// `outputs[i]` rows of each (see [`Segment::outputs`]).
     Forward {
         seqs: Vec<(SeqId, usize)>,
+        outputs: Vec<usize>,
         x: Tensor,
         reply: RpcReplyPort<Answer<(Tensor, Tensor)>>,
     },
@@ -144,7 +146,12 @@ impl Actor for AttentionActor {
         st: &mut Self::State,
     ) -> std::result::Result<(), ActorProcessingErr> {
         match msg {
-            AttentionMsg::Forward { seqs, x, reply } => {
+            AttentionMsg::Forward {
+                seqs,
+                outputs,
+                x,
+                reply,
+            } => {
                 let layer = st.unit.layer;
                 let span =
                     tracing::debug_span!("attention", layer, seqs = seqs.len(), rows = x.dims()[0]);
@@ -167,11 +174,15 @@ impl Actor for AttentionActor {
                             let mut start = 0;
                             let mut segs: Vec<Segment> = caches
                                 .iter_mut()
-                                .zip(&lens)
-                                .map(|(cache, &n)| {
+                                .zip(lens.iter().zip(&outputs))
+                                .map(|(cache, (&n, &outputs))| {
                                     let rows = start..start + n;
                                     start += n;
-                                    Segment { rows, cache }
+                                    Segment {
+                                        rows,
+                                        outputs,
+                                        cache,
+                                    }
                                 })
                                 .collect();
                             let out = unit.forward(&x, &mut segs);

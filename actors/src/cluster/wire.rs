@@ -72,6 +72,8 @@ pub struct Routed {
 pub struct SeqTokens {
     pub seq: u64,
     pub tokens: u32,
+    /// How many of its last rows the reply holds (`tokens`, or fewer after the model's last layer).
+    pub outputs: u32,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]

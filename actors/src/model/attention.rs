@@ -107,7 +107,17 @@ impl HeadLinear {
 /// The rows of one sequence in a step's batch, and that sequence's cache for this layer.
 pub struct Segment<'a> {
     pub rows: Range<usize>,
+    /// How many of its last rows the layer's output keeps: all of them, except in the model's last layer,
+    /// which needs only the rows whose logits are wanted (as llama.cpp does). The cache takes every row.
+    pub outputs: usize,
     pub cache: &'a mut LatentCache,
+}
+
+impl Segment<'_> {
+    /// The rows whose outputs are kept.
+    fn kept(&self) -> Range<usize> {
+        self.rows.end - self.outputs.min(self.rows.len())..self.rows.end
+    }
 }
 
 pub struct Attention {
@@ -190,18 +200,35 @@ impl Attention {
     }
 
     /// `x: [T, hidden]`, the residual stream. Appends each segment's tokens to its cache and returns
-    /// `(h, m)`: `h = x + attention(input_norm(x))` and `m = post_attention_norm(h)`, the MLP's input.
+    /// `(h, m)` of each segment's kept rows ([`Segment::outputs`], `K` in all): `h = x + attention(input_norm(x))`
+    /// and `m = post_attention_norm(h)`, the MLP's input.
     pub fn forward(&self, x: &Tensor, segments: &mut [Segment]) -> Result<(Tensor, Tensor)> {
         let xn = self.input_norm.forward(x)?;
-        // The query and latent projections read the same input: one parallel region.
+        let kept: Vec<u32> = segments
+            .iter()
+            .flat_map(|s| s.kept())
+            .map(|r| r as u32)
+            .collect();
+        // Queries, output projection and MLP only for the kept rows; the latents of every row.
+        let (x, xq) = if kept.len() == x.dims()[0] {
+            (x.clone(), xn.clone())
+        } else {
+            let rows = Tensor::from_vec(
+                kept,
+                segments.iter().map(|s| s.kept().len()).sum::<usize>(),
+                &Device::Cpu,
+            )?;
+            (x.index_select(&rows, 0)?, xn.index_select(&rows, 0)?)
+        };
+        // The query and latent projections read the same input (all rows kept): one parallel region.
         let (q, kv) = match &self.q {
             QProj::Plain(l) => {
-                let mut o = Linear::forward_many(&[(l, &xn), (&self.kv_a, &xn)])?;
+                let mut o = Linear::forward_many(&[(l, &xq), (&self.kv_a, &xn)])?;
                 let kv = o.pop();
                 (o.pop(), kv)
             }
             QProj::LoRa { a, norm, b } => {
-                let mut o = Linear::forward_many(&[(a, &xn), (&self.kv_a, &xn)])?;
+                let mut o = Linear::forward_many(&[(a, &xq), (&self.kv_a, &xn)])?;
                 let kv = o.pop();
                 let qa = o.pop().ok_or_else(|| {
                     crate::error::Error::Invalid("q_a_proj gave no output".into())
@@ -210,27 +237,30 @@ impl Attention {
             }
         };
         let missing = || crate::error::Error::Invalid("projection gave no output".into());
-        let (q, kv) = (q.ok_or_else(missing)?, kv.ok_or_else(missing)?); // [T, h·(n+e)], [T, r+e]
+        let (q, kv) = (q.ok_or_else(missing)?, kv.ok_or_else(missing)?); // [K, h·(n+e)], [T, r+e]
         let latent = self.kv_norm.forward(&kv.narrow(1, 0, self.rank)?)?; // [T, r]
         let k_pe = kv.narrow(1, self.rank, self.rope_dim)?; // [T, e]
 
         let mut outs = Vec::with_capacity(segments.len());
+        let mut q_start = 0;
         for seg in segments.iter_mut() {
-            let (start, l) = (seg.rows.start, seg.rows.len());
+            let (start, l, k) = (seg.rows.start, seg.rows.len(), seg.kept().len());
             outs.push(self.attend(
-                &q.narrow(0, start, l)?,
+                &q.narrow(0, q_start, k)?,
                 &latent.narrow(0, start, l)?,
                 &k_pe.narrow(0, start, l)?,
                 seg.cache,
             )?);
+            q_start += k;
         }
-        let out = Tensor::cat(&outs, 0)?; // [T, h·v]
+        let out = Tensor::cat(&outs, 0)?; // [K, h·v]
         let h = (x + self.o_proj.forward(&out)?)?;
         let m = self.post_norm.forward(&h)?;
         Ok((h, m))
     }
 
-    /// One sequence: `q: [L, h·(n+e)]`, `latent: [L, r]`, `k_pe: [L, e]` → `[L, h·v]`.
+    /// One sequence: `latent: [L, r]`, `k_pe: [L, e]` of its new tokens, `q: [l, h·(n+e)]` of the last `l` of
+    /// them → `[l, h·v]`.
     fn attend(
         &self,
         q: &Tensor,
@@ -239,21 +269,23 @@ impl Attention {
         cache: &mut LatentCache,
     ) -> Result<Tensor> {
         let (h, n, e, r) = (self.heads, self.nope, self.rope_dim, self.rank);
+        let new = latent.dims()[0];
+        let k_pe = self
+            .rope
+            .forward(&k_pe.reshape((1, 1, new, e))?, cache.len())?
+            .reshape((new, e))?;
+        cache.append(&Tensor::cat(&[latent, &k_pe], 1)?)?;
+        let kv = cache.view()?; // [N, r+e]
+        // From here on, the queries: `l` tokens after `past` keys.
         let l = q.dims()[0];
-        let past = cache.len();
+        let past = cache.len() - l;
 
-        let q = q.reshape((l, h, n + e))?.transpose(0, 1)?; // [h, L, n+e]
-        let q_nope = q.narrow(2, 0, n)?; // [h, L, n]
+        let q = q.reshape((l, h, n + e))?.transpose(0, 1)?; // [h, l, n+e]
+        let q_nope = q.narrow(2, 0, n)?; // [h, l, n]
         let q_pe = self
             .rope
             .forward(&q.narrow(2, n, e)?.unsqueeze(0)?, past)?
-            .squeeze(0)?; // [h, L, e]
-        let k_pe = self
-            .rope
-            .forward(&k_pe.reshape((1, 1, l, e))?, past)?
-            .reshape((l, e))?;
-        cache.append(&Tensor::cat(&[latent, &k_pe], 1)?)?;
-        let kv = cache.view()?; // [N, r+e]
+            .squeeze(0)?; // [h, l, e]
 
         let values = kv.narrow(1, 0, r)?; // [N, r], rows strided by r+e
         let out = if l < HEADS_ON_POOL {

@@ -94,10 +94,12 @@ pub struct Model {
     pub layers: Vec<Layer>,
 }
 
-/// One sequence's part of a forward step: its new tokens and its cache.
+/// One sequence's part of a forward step: its new tokens, its cache, and how many of the last tokens' final
+/// hidden states the step returns (the positions whose logits are wanted).
 pub struct SeqStep<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut SequenceCache,
+    pub outputs: usize,
 }
 
 impl Model {
@@ -124,7 +126,8 @@ impl Model {
     }
 
     /// Runs the new tokens of every sequence through all layers (appending to their caches) and returns the
-    /// final hidden states `[T, hidden]`, sequences' rows in order, with the bytes of layer weights read.
+    /// final hidden states of each sequence's last [`SeqStep::outputs`] tokens `[K, hidden]`, sequences' rows
+    /// in order, with the bytes of layer weights read. The last layer computes only those rows.
     pub fn forward(&self, steps: &mut [SeqStep]) -> Result<(Tensor, usize)> {
         let tokens: Vec<u32> = steps
             .iter()
@@ -133,6 +136,7 @@ impl Model {
         let mut x = self.head.embed(&tokens)?;
         let mut bytes = 0;
         for (l, layer) in self.layers.iter().enumerate() {
+            let last = l + 1 == self.layers.len();
             let mut start = 0;
             let mut segments: Vec<Segment> = steps
                 .iter_mut()
@@ -140,6 +144,7 @@ impl Model {
                     let rows = start..start + s.tokens.len();
                     start = rows.end;
                     Segment {
+                        outputs: if last { s.outputs } else { rows.len() },
                         rows,
                         cache: &mut s.cache.layers[l],
                     }
@@ -170,14 +175,16 @@ impl Model {
         cache: &mut SequenceCache,
         all_positions: bool,
     ) -> Result<(Tensor, usize)> {
-        let (hidden, bytes) = self.forward(&mut [SeqStep { tokens, cache }])?;
-        let n = hidden.dims()[0];
-        let rows = if all_positions {
-            hidden
-        } else {
-            hidden.narrow(0, n - 1, 1)?
-        };
+        if tokens.is_empty() {
+            return Err(Error::Invalid("a step needs at least one token".into()));
+        }
+        let outputs = if all_positions { tokens.len() } else { 1 };
+        let (hidden, bytes) = self.forward(&mut [SeqStep {
+            tokens,
+            cache,
+            outputs,
+        }])?;
         let head_bytes = self.head.weight_bytes() + tokens.len() * self.head.embed_row_bytes();
-        Ok((self.head.logits(&rows)?, bytes + head_bytes))
+        Ok((self.head.logits(&hidden)?, bytes + head_bytes))
     }
 }
