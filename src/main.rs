@@ -49,9 +49,11 @@ enum Command {
 
 fn main() {
     engine::malloc::keep_freed_memory();
-    // The quantized kernels run on the engine's own pool of spinning workers. candle's CPU ops (attention over
-    // the latent cache, norms) would otherwise fan out on rayon's threads too, and the two pools would take
-    // cores from each other on every step; they run on the calling thread instead, unless the user says.
+    // The quantized kernels run on the engine's own pool of spinning workers. candle's CPU matmuls (attention
+    // over the latent cache) would otherwise fan out on rayon's threads too, and the two pools would take
+    // cores from each other on every step; with one rayon thread they run on the calling thread, unless the
+    // user says. (candle's parallel iterators would still hand their work to that one thread: the engine
+    // calls none of them, see `model::norm`.)
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // SAFETY: the first statement of `main`, before any thread exists.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
