@@ -9,7 +9,7 @@
 use crate::error::{Error, Result};
 use crate::quant::affine::AffineMatrix;
 use crate::quant::bf16::Bf16Matrix;
-use crate::quant::kernels::{Isa, Job, Weight, matmul_many};
+use crate::quant::kernels::{Isa, Weight, matmul_new};
 use candle_core::{Device, Tensor, TensorId};
 
 #[derive(Clone)]
@@ -110,23 +110,24 @@ impl Linear {
                 )));
             }
         }
-        let mut ys: Vec<Vec<f32>> = items
+        let calls: Vec<(Weight, &[f32])> = items
             .iter()
-            .map(|(l, x)| vec![0f32; x.len() / l.in_dim() * l.out_dim()])
+            .filter_map(|(l, x)| l.kernel_weight().map(|w| (w, *x)))
             .collect();
-        let mut jobs: Vec<Job> = items
+        let mut kernel_ys = matmul_new(Isa::detect(), &calls).into_iter();
+        items
             .iter()
-            .zip(ys.iter_mut())
-            .filter_map(|((l, x), y)| l.kernel_weight().map(|w| Job { w, x, y }))
-            .collect();
-        matmul_many(Isa::detect(), &mut jobs);
-        for ((l, x), y) in items.iter().zip(ys.iter_mut()) {
-            if let Linear::Dense(w) = l {
-                let x = Tensor::from_slice(x, (x.len() / l.in_dim(), l.in_dim()), &Device::Cpu)?;
-                *y = x.matmul(&w.t()?)?.flatten_all()?.to_vec1()?;
-            }
-        }
-        Ok(ys)
+            .map(|(l, x)| match l {
+                Linear::Dense(w) => {
+                    let x =
+                        Tensor::from_slice(x, (x.len() / l.in_dim(), l.in_dim()), &Device::Cpu)?;
+                    Ok(x.matmul(&w.t()?)?.flatten_all()?.to_vec1()?)
+                }
+                _ => kernel_ys
+                    .next()
+                    .ok_or_else(|| Error::Invalid("a kernel call gave no output".into())),
+            })
+            .collect()
     }
 
     pub fn row(&self, r: usize) -> Result<Vec<f32>> {

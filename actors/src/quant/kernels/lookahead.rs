@@ -4,7 +4,7 @@
 //! the successor of the call before it; when a call ends, the pool is told the first bytes its successor read
 //! last time, and an idle worker prefetches them into its cache while the calling thread works alone.
 
-use super::{Job, Weight};
+use super::Weight;
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
 
@@ -22,17 +22,17 @@ struct Successors {
 }
 
 impl Successors {
-    /// Records the call `jobs` as the successor of the previous call, and returns what the call after it
+    /// Records the call `calls` as the successor of the previous call, and returns what the call after it
     /// read first last time, if known.
-    fn record(&mut self, jobs: &[Job]) -> Option<Vec<(usize, usize)>> {
-        let key = jobs.first().map(|j| address(j.w))?;
+    fn record(&mut self, calls: &[(Weight, &[f32])]) -> Option<Vec<(usize, usize)>> {
+        let key = calls.first().map(|c| address(c.0))?;
         let mut ranges = Vec::new();
         let mut left = HEAD_BYTES;
-        for j in jobs {
+        for (w, _) in calls {
             if left == 0 {
                 break;
             }
-            head_ranges(j.w, &mut left, &mut ranges);
+            head_ranges(*w, &mut left, &mut ranges);
         }
         let last = std::mem::replace(&mut self.last, key);
         self.next.insert(last, ranges);
@@ -44,11 +44,11 @@ impl Successors {
 static SUCCESSORS: LazyLock<Mutex<Successors>> = LazyLock::new(Mutex::default);
 
 /// [`Successors::record`] on the process's calls.
-pub(super) fn record(jobs: &[Job]) -> Option<Vec<(usize, usize)>> {
+pub(super) fn record(calls: &[(Weight, &[f32])]) -> Option<Vec<(usize, usize)>> {
     SUCCESSORS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .record(jobs)
+        .record(calls)
 }
 
 fn address(w: Weight) -> Key {
@@ -94,31 +94,19 @@ mod tests {
         };
         // `c` is bigger than the head that is prefetched.
         let (a, b, c) = (m(8, 1), m(16, 2), m(8192, 3));
-        let (x, mut y) = (vec![0f32; 256], vec![0f32; 8192]);
-        let job = |w: &AffineMatrix, y: &mut [f32]| -> Vec<(usize, usize)> {
+        let x = vec![0f32; 256];
+        let job = |w: &AffineMatrix| -> Vec<(usize, usize)> {
             let mut s = Successors::default();
-            let _ = s.record(&[Job {
-                w: Weight::Affine(w),
-                x: &x,
-                y,
-            }]);
+            let _ = s.record(&[(Weight::Affine(w), &x[..])]);
             s.next.remove(&0).unwrap_or_default()
         };
-        let (head_a, head_b) = (job(&a, &mut y[..8]), job(&b, &mut y[..16]));
-        let head_c = job(&c, &mut y);
+        let (head_a, head_b, head_c) = (job(&a), job(&b), job(&c));
         assert_eq!(head_b[0], (b.packed.as_ptr() as usize, b.packed.len()));
         assert_eq!(head_c[0], (c.packed.as_ptr() as usize, HEAD_BYTES));
         assert_eq!(head_c[1].1, c.scales.len() * HEAD_BYTES / c.packed.len());
 
         let mut s = Successors::default();
-        let mut call = |w: &AffineMatrix| {
-            let rows = w.rows;
-            s.record(&[Job {
-                w: Weight::Affine(w),
-                x: &x,
-                y: &mut y[..rows],
-            }])
-        };
+        let mut call = |w: &AffineMatrix| s.record(&[(Weight::Affine(w), &x[..])]);
         assert_eq!(call(&a), None);
         assert_eq!(call(&b), None);
         assert_eq!(call(&c), None);
