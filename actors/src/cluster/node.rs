@@ -205,6 +205,15 @@ impl Shard {
                 seqs.len()
             )));
         }
+        if let Some(((seq, n), k)) = seqs
+            .iter()
+            .zip(outputs)
+            .find(|((_, n), k)| !(1..=*n).contains(*k))
+        {
+            return Err(Error::Cluster(format!(
+                "sequence {seq}: {k} rows to keep of {n} new tokens"
+            )));
+        }
         for l in range.clone() {
             let attn = self
                 .attention

@@ -213,14 +213,11 @@ impl Attention {
         let (x, xq) = if kept.len() == x.dims()[0] {
             (x.clone(), xn.clone())
         } else {
-            let rows = Tensor::from_vec(
-                kept,
-                segments.iter().map(|s| s.kept().len()).sum::<usize>(),
-                &Device::Cpu,
-            )?;
+            let n = kept.len();
+            let rows = Tensor::from_vec(kept, n, &Device::Cpu)?;
             (x.index_select(&rows, 0)?, xn.index_select(&rows, 0)?)
         };
-        // The query and latent projections read the same input (all rows kept): one parallel region.
+        // The query and latent projections in one parallel region (one preparation when all rows are kept).
         let (q, kv) = match &self.q {
             QProj::Plain(l) => {
                 let mut o = Linear::forward_many(&[(l, &xq), (&self.kv_a, &xn)])?;
