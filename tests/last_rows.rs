@@ -56,13 +56,7 @@ fn check(dir: &str, key: &str) {
     }
     // One token's logits alone, as generation asks for them.
     let mut c1 = model.new_cache().unwrap();
-    let last: Vec<f32> = model
-        .logits(&a, &mut c1, false)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let last = last_logits(&model, &a, &mut c1);
     let d = max_abs_diff(&last, &all_a[a.len() - 1]);
     assert!(d <= TOLERANCE, "{dir}: last position off by {d}");
 

@@ -19,13 +19,7 @@ fn check(model_dir: std::path::PathBuf, key: &str) {
         let mut feed = ids(&prompt["ids"]);
         let mut got = Vec::new();
         while got.len() < want.len() {
-            let logits: Vec<f32> = model
-                .logits(&feed, &mut cache, false)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let logits = last_logits(&model, &feed, &mut cache);
             let next = sampler.sample(&logits);
             got.push(next);
             feed = vec![next];

@@ -103,8 +103,13 @@ pub fn for_reference_rows(
 
 /// The logits after feeding `id` through `cache` (one decode step).
 pub fn next_logits(model: &Model, id: u32, cache: &mut SequenceCache) -> Vec<f32> {
+    last_logits(model, &[id], cache)
+}
+
+/// The last position's logits after feeding `tokens` through `cache`.
+pub fn last_logits(model: &Model, tokens: &[u32], cache: &mut SequenceCache) -> Vec<f32> {
     model
-        .logits(&[id], cache, false)
+        .logits(tokens, cache, false)
         .unwrap()
         .flatten_all()
         .unwrap()

@@ -476,7 +476,8 @@ pub fn affine_matmul_isa(isa: Isa, m: &AffineMatrix, x: &[f32], y: &mut [f32], a
     )
 }
 
-/// Runs every job, splitting all their rows into one set of parallel tasks.
+/// Runs every job, splitting all their rows into one set of parallel tasks (each task zeroes its rows of the
+/// outputs first, as [`matmul_new`] needs).
 pub fn matmul_many(isa: Isa, jobs: &mut [Job]) {
     let calls: Vec<(Weight, &[f32])> = jobs.iter().map(|j| (j.w, j.x)).collect();
     let outs: Vec<Out> = jobs
@@ -486,7 +487,7 @@ pub fn matmul_many(isa: Isa, jobs: &mut [Job]) {
             len: j.y.len(),
         })
         .collect();
-    run_calls(isa, &calls, &outs, false);
+    run_calls(isa, &calls, &outs);
 }
 
 /// [`matmul_many`] into new outputs `[t_i, rows_i]`, each task zeroing its own rows of them first: in parallel
@@ -510,7 +511,7 @@ pub fn matmul_new(isa: Isa, calls: &[(Weight, &[f32])]) -> Vec<Vec<f32>> {
             len: y.len(),
         })
         .collect();
-    run_calls(isa, calls, &outs, true);
+    run_calls(isa, calls, &outs);
     ys.into_iter()
         .map(|y| {
             let mut y = std::mem::ManuallyDrop::new(y);
@@ -522,8 +523,8 @@ pub fn matmul_new(isa: Isa, calls: &[(Weight, &[f32])]) -> Vec<Vec<f32>> {
 }
 
 /// The work of [`matmul_many`]: `calls[i] = (W, x)` into `outs[i]`, all rows of all calls in one set of
-/// tasks; `zero`: each task zeroes its rows of its output first.
-fn run_calls(isa: Isa, calls: &[(Weight, &[f32])], outs: &[Out], zero: bool) {
+/// tasks, each zeroing its rows of its output first.
+fn run_calls(isa: Isa, calls: &[(Weight, &[f32])], outs: &[Out]) {
     // Calls that share an input (gate and up of one expert, q_a and kv_a) share its preparation.
     let key = |(w, x): &(Weight, &[f32])| (x.as_ptr(), x.len(), w.prep_key());
     let mut firsts: Vec<usize> = Vec::with_capacity(calls.len());
@@ -536,9 +537,12 @@ fn run_calls(isa: Isa, calls: &[(Weight, &[f32])], outs: &[Out], zero: bool) {
         }));
     }
     let prepared = prepare_all(isa, calls, &firsts);
-    for ((w, x), out) in calls.iter().zip(outs) {
-        debug_assert_eq!(out.len, x.len() / w.cols() * w.rows());
-    }
+    debug_assert!(
+        calls
+            .iter()
+            .zip(outs)
+            .all(|((w, x), out)| out.len == x.len() / w.cols() * w.rows())
+    );
     let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
     let mut total = 0;
     let weights: usize = calls.iter().map(|(w, _)| w.weight_bytes()).sum();
@@ -562,13 +566,11 @@ fn run_calls(isa: Isa, calls: &[(Weight, &[f32])], outs: &[Out], zero: bool) {
     }
     let run = |&(ci, r0, r1): &(usize, usize, usize)| {
         let (w, out) = (calls[ci].0, &outs[ci]);
-        if zero {
-            let rows = w.rows();
-            for t in 0..out.len / rows.max(1) {
-                debug_assert!(t * rows + r1 <= out.len);
-                // SAFETY: in bounds; rows `r0..r1` of the output belong to this task alone.
-                unsafe { std::ptr::write_bytes(out.ptr.add(t * rows + r0), 0, r1 - r0) };
-            }
+        let rows = w.rows();
+        for t in 0..out.len / rows.max(1) {
+            debug_assert!(t * rows + r1 <= out.len);
+            // SAFETY: in bounds; rows `r0..r1` of the output belong to this task alone.
+            unsafe { std::ptr::write_bytes(out.ptr.add(t * rows + r0), 0, r1 - r0) };
         }
         run_rows(isa, w, &prepared[which[ci]], out, r0, r1);
     };
