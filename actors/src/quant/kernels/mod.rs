@@ -200,11 +200,20 @@ struct Prepared {
     /// The f32 activations as AMX `B` tiles (`amx::prepare`), where `Isa::Amx` takes them. Empty elsewhere.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     xb: Aligned<u32>,
-    /// `[t, 2, cols]`: each token's coarse int8 codes, then its residual ones (`[t, 3, cols]`: f32 activations'
-    /// three slices, [`Q8::s`] last), in nibble order (never in units order), where the AVX-512 kernels with
-    /// rows in lanes take them (`x86::int8_lanes`, `x86::lanes_stored`). Empty elsewhere.
+    /// `[t, 2, xl_stride(cols)]`: each token's coarse int8 codes, then its residual ones (`[t, 3, ..]`: f32
+    /// activations' three slices, [`Q8::s`] last), in nibble order (never in units order), each slice padded
+    /// to [`xl_stride`], where the AVX-512 kernels with rows in lanes take them (`x86::int8_lanes`,
+    /// `x86::lanes_stored`). Empty elsewhere.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     xl: Aligned<i8>,
+}
+
+/// Bytes from one slice of a token's codes to the next in [`Prepared::xl`]: `cols` and one cache line. The
+/// rows-in-lanes kernel reads up to 24 slices at once (three of eight tokens); `cols` apart, a multiple of
+/// 4096 bytes, they would all fall in one set of L1 (eight ways) and evict each other.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn xl_stride(cols: usize) -> usize {
+    cols + 64
 }
 
 /// Tokens per block of [`Prepared::xt`]: two 512-bit registers.
@@ -567,10 +576,14 @@ fn run_calls(isa: Isa, calls: &[(Weight, &[f32])], outs: &[Out]) {
     let run = |&(ci, r0, r1): &(usize, usize, usize)| {
         let (w, out) = (calls[ci].0, &outs[ci]);
         let rows = w.rows();
-        for t in 0..out.len / rows.max(1) {
-            debug_assert!(t * rows + r1 <= out.len);
-            // SAFETY: in bounds; rows `r0..r1` of the output belong to this task alone.
-            unsafe { std::ptr::write_bytes(out.ptr.add(t * rows + r0), 0, r1 - r0) };
+        // The rows-in-lanes kernel stores every output of its rows (whole blocks of sixteen, every token,
+        // `x86::lanes_pass`); the others are zeroed first, whichever of them may add to an output.
+        if !matches!(w, Weight::Affine(m) if m.lanes) {
+            for t in 0..out.len / rows.max(1) {
+                debug_assert!(t * rows + r1 <= out.len);
+                // SAFETY: in bounds; rows `r0..r1` of the output belong to this task alone.
+                unsafe { std::ptr::write_bytes(out.ptr.add(t * rows + r0), 0, r1 - r0) };
+            }
         }
         run_rows(isa, w, &prepared[which[ci]], out, r0, r1);
     };
@@ -1473,7 +1486,11 @@ mod tests {
             let laned = t >= TILE_TOKENS && (bits == 4 || x86::has_vbmi());
             let slices = slices && (t < TILE_TOKENS || laned);
             assert_eq!(px.xs.len(), if slices { t * cols } else { 0 }, "t {t}");
-            assert_eq!(px.xl.len(), if laned { 3 * t * cols } else { 0 }, "t {t}");
+            assert_eq!(
+                px.xl.len(),
+                if laned { 3 * t * xl_stride(cols) } else { 0 },
+                "t {t}"
+            );
             let units = slices && !laned && (t >= 2 || bits == 4) && cols.is_multiple_of(UNIT);
             assert_eq!(px.units, units, "t {t} bits {bits} {cols}");
             let case = format!("t {t} bits {bits} g {group} {rows}×{cols}");
@@ -1840,10 +1857,15 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got.dx), bits(&want.dx), "{case}");
                 assert_eq!(bits(&got.xsum), bits(&want.xsum), "{case}");
-                // Every token's codes also in nibble order (4-bit-order rows only), coarse then residual.
+                // Every token's codes also in nibble order (4-bit-order rows only), coarse then residual,
+                // each slice padded with zeros to `xl_stride`.
                 let plain = Prepared::new(&x, cols, (group, nibbles, Activations::Int8), false);
                 let rows = plain.xq.chunks_exact(cols).zip(plain.xr.chunks_exact(cols));
-                let xl: Vec<i8> = rows.flat_map(|(q, r)| q.iter().chain(r).copied()).collect();
+                let pad = [0i8; 64];
+                let pad = &pad[..xl_stride(cols) - cols];
+                let xl: Vec<i8> = rows
+                    .flat_map(|(q, r)| [q, pad, r, pad].into_iter().flatten().copied())
+                    .collect();
                 assert_eq!(&*got.xl, if nibbles { &xl[..] } else { &[] }, "{case}");
             }
         }
@@ -1853,14 +1875,21 @@ mod tests {
     fn many_jobs_in_one_region_equal_one_by_one() {
         // Five jobs prepare their inputs on the calling thread; 80 jobs of 6–9 tokens (pairs sharing an
         // input, as gate and up do) have more than `PARALLEL_PREPARE` values and prepare on the pool.
-        for (n, (lo, span), act) in [
-            (5, (1, 2), Activations::F32),
-            (80, (6, 4), Activations::F32),
-            (80, (6, 4), Activations::Int8),
+        // Also with rows stored in lanes where this CPU reads them so (row counts not multiples of sixteen).
+        for (n, (lo, span), act, lanes) in [
+            (5, (1, 2), Activations::F32, false),
+            (80, (6, 4), Activations::F32, false),
+            (80, (6, 4), Activations::Int8, false),
+            (5, (1, 2), Activations::F32, true),
+            (80, (6, 4), Activations::F32, true),
+            (80, (6, 4), Activations::Int8, true),
         ] {
             let ms: Vec<AffineMatrix> = (0..n)
                 .map(|i| {
                     let mut m = matrix(300 + i * 7, 256, 4, 64, i as u64);
+                    if lanes && lanes_apply(&m) {
+                        m = stored_in_lanes(&m);
+                    }
                     m.activations = act;
                     m
                 })
@@ -1871,8 +1900,9 @@ mod tests {
             let values: usize = xs.iter().map(Vec::len).sum();
             assert_eq!(values >= PARALLEL_PREPARE, n > 5);
             let x_of = |i: usize| &xs[(i / 2).min(xs.len() - 1)];
+            // NaN first: every output must be written.
             let mut ys: Vec<Vec<f32>> = (0..n)
-                .map(|i| vec![0f32; x_of(i).len() / 256 * ms[i].rows])
+                .map(|i| vec![f32::NAN; x_of(i).len() / 256 * ms[i].rows])
                 .collect();
             let mut jobs: Vec<Job> = ys
                 .iter_mut()
@@ -1887,7 +1917,7 @@ mod tests {
             for (i, y) in ys.iter().enumerate() {
                 let mut one = vec![0f32; y.len()];
                 affine_matmul(&ms[i], x_of(i), &mut one);
-                assert_eq!(&one, y, "{n} jobs, {act:?}: job {i}");
+                assert_eq!(&one, y, "{n} jobs, {act:?}, lanes {lanes}: job {i}");
             }
             // Into new outputs, after memory the allocator may hand out again was filled with NaN: every
             // value is written.
@@ -1899,7 +1929,11 @@ mod tests {
             let calls: Vec<(Weight, &[f32])> = (0..n)
                 .map(|i| (Weight::Affine(&ms[i]), &x_of(i)[..]))
                 .collect();
-            assert_eq!(matmul_new(Isa::detect(), &calls), ys, "{n} jobs, {act:?}");
+            assert_eq!(
+                matmul_new(Isa::detect(), &calls),
+                ys,
+                "{n} jobs, {act:?}, lanes {lanes}"
+            );
         }
     }
 }

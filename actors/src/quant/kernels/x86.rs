@@ -350,7 +350,8 @@ pub(super) unsafe fn prepare_int8_avx512(
     // Also every token's codes in nibble order, not in units order (`Prepared::xl`): its two or three slices.
     let laned = lanes && nibbles;
     let slices = if exact { 3 } else { 2 };
-    let mut xl = Aligned::<i8>::zeroed(if laned { slices * n } else { 0 });
+    let stride = super::xl_stride(cols);
+    let mut xl = Aligned::<i8>::zeroed(if laned { slices * tokens * stride } else { 0 });
     let xlp = xl.as_mut_ptr();
     let units = units && nibbles && cols.is_multiple_of(UNIT);
     let groups = n / group;
@@ -438,13 +439,13 @@ pub(super) unsafe fn prepare_int8_avx512(
                     _mm_storeu_si128(q.add(to) as *mut __m128i, hi8);
                     _mm_storeu_si128(r.add(to) as *mut __m128i, lo8);
                 }
-                // Token `t`'s slices in nibble order, each `cols` after the one before.
-                let lane_at = slices * (at / cols) * cols + at % cols + 16 * j;
+                // Token `t`'s slices in nibble order, each `stride` after the one before.
+                let lane_at = slices * (at / cols) * stride + at % cols + 16 * j;
                 if laned {
-                    // SAFETY: `lane_at + cols + 16 <= slices · n`.
+                    // SAFETY: `lane_at + stride + 16 <= slices · tokens · stride`.
                     unsafe {
                         _mm_storeu_si128(xlp.add(lane_at) as *mut __m128i, hi8);
-                        _mm_storeu_si128(xlp.add(lane_at + cols) as *mut __m128i, lo8);
+                        _mm_storeu_si128(xlp.add(lane_at + stride) as *mut __m128i, lo8);
                     }
                 }
                 if exact {
@@ -453,11 +454,11 @@ pub(super) unsafe fn prepare_int8_avx512(
                         _mm512_max_ps(_mm512_mul_ps(rest, inv_ff), neg),
                         lim,
                     )));
-                    // SAFETY: as above; `lane_at + 2 · cols + 16 <= 3n`.
+                    // SAFETY: as above; `lane_at + 2 · stride + 16 <= 3 · tokens · stride`.
                     unsafe {
                         _mm_storeu_si128(s3.add(to) as *mut __m128i, least);
                         if laned {
-                            _mm_storeu_si128(xlp.add(lane_at + 2 * cols) as *mut __m128i, least);
+                            _mm_storeu_si128(xlp.add(lane_at + 2 * stride) as *mut __m128i, least);
                         }
                     };
                 }
@@ -1714,14 +1715,14 @@ unsafe fn lanes_tokens<const EXACT: bool>(
 ) {
     unsafe {
         match n {
-            8 => lanes_pass::<8, EXACT>(l, px, out, t0),
-            7 => lanes_pass::<7, EXACT>(l, px, out, t0),
-            6 => lanes_pass::<6, EXACT>(l, px, out, t0),
-            5 => lanes_pass::<5, EXACT>(l, px, out, t0),
-            4 => lanes_pass::<4, EXACT>(l, px, out, t0),
-            3 => lanes_pass::<3, EXACT>(l, px, out, t0),
-            2 => lanes_pass::<2, EXACT>(l, px, out, t0),
-            _ => lanes_pass::<1, EXACT>(l, px, out, t0),
+            8 => lanes_pass::<8, EXACT, 1>(l, px, out, t0),
+            7 => lanes_pass::<7, EXACT, 1>(l, px, out, t0),
+            6 => lanes_pass::<6, EXACT, 1>(l, px, out, t0),
+            5 => lanes_pass::<5, EXACT, 1>(l, px, out, t0),
+            4 => lanes_pass::<4, EXACT, 1>(l, px, out, t0),
+            3 => lanes_pass::<3, EXACT, 1>(l, px, out, t0),
+            2 => lanes_pass::<2, EXACT, 1>(l, px, out, t0),
+            _ => lanes_pass::<1, EXACT, 2>(l, px, out, t0),
         }
     }
 }
@@ -1731,10 +1732,11 @@ unsafe fn lanes_tokens<const EXACT: bool>(
 /// broadcast memory operand, another its residual ones (`EXACT`, f32 activations: a third its finest ones,
 /// [`super::Q8::s`]). The sums are converted once per group and token (`EXACT`: once per 64 codes, below
 /// which a lane of `(128·Σq + Σr)·128 + Σs` stays under 64·15·127·(128² + 128 + 1) < 2³¹), scaled by the
-/// rows' scales and the token's step, and the bias term joins them once per group.
+/// rows' scales and the token's step, and the bias term joins them once per group. `H` sets of sums take the
+/// words in turn: one token's two or three chains of `vpdpbusd` are otherwise bound by its latency.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn lanes_pass<const T: usize, const EXACT: bool>(
+unsafe fn lanes_pass<const T: usize, const EXACT: bool, const H: usize>(
     l: &LaneRows,
     px: &Prepared,
     out: &Out,
@@ -1742,10 +1744,11 @@ unsafe fn lanes_pass<const T: usize, const EXACT: bool>(
 ) {
     let (pairs, gpr) = (l.group / 8, l.cols / l.group);
     let slices = if EXACT { 3 } else { 2 };
-    // Token `t`'s coarse codes as 4-code words; its finer slices follow, each `cols / 4` words on.
+    // Token `t`'s coarse codes as 4-code words; its finer slices follow, each `xl_stride / 4` words on.
+    let stride = super::xl_stride(l.cols);
     let x: [*const i32; T] =
-        std::array::from_fn(|t| px.xl[slices * (t0 + t) * l.cols..].as_ptr() as *const i32);
-    let rw = l.cols / 4;
+        std::array::from_fn(|t| px.xl[slices * (t0 + t) * stride..].as_ptr() as *const i32);
+    let rw = stride / 4;
     let span = if EXACT { 8 } else { pairs };
     let nib = _mm512_set1_epi8(0x0f);
     let mut acc = [_mm512_setzero_ps(); T];
@@ -1753,7 +1756,7 @@ unsafe fn lanes_pass<const T: usize, const EXACT: bool>(
         // SAFETY: group `g` of the block's sixteen rows.
         let s = unsafe { scales16(l.scales, l.st, 16 * g, 0xffff) };
         for p0 in (g * pairs..(g + 1) * pairs).step_by(span) {
-            let mut sq = [_mm512_setzero_si512(); T];
+            let mut sq = [[_mm512_setzero_si512(); T]; H];
             let (mut sr, mut ss) = (sq, sq);
             for p in p0..p0 + span {
                 let at = l.codes.wrapping_add(64 * p);
@@ -1769,19 +1772,28 @@ unsafe fn lanes_pass<const T: usize, const EXACT: bool>(
                     _mm512_and_si512(_mm512_srli_epi16(v, 4), nib),
                 ];
                 for (h, c) in words.iter().enumerate() {
-                    let w = 2 * p + h;
+                    let (w, k) = (2 * p + h, h % H);
                     for t in 0..T {
                         // SAFETY: word `w < cols / 4` of each of token `t0 + t`'s slices.
                         let (q, r) = unsafe { (*x[t].add(w), *x[t].add(rw + w)) };
-                        sq[t] = _mm512_dpbusd_epi32(sq[t], *c, _mm512_set1_epi32(q));
-                        sr[t] = _mm512_dpbusd_epi32(sr[t], *c, _mm512_set1_epi32(r));
+                        sq[k][t] = _mm512_dpbusd_epi32(sq[k][t], *c, _mm512_set1_epi32(q));
+                        sr[k][t] = _mm512_dpbusd_epi32(sr[k][t], *c, _mm512_set1_epi32(r));
                         if EXACT {
                             let f = unsafe { *x[t].add(2 * rw + w) };
-                            ss[t] = _mm512_dpbusd_epi32(ss[t], *c, _mm512_set1_epi32(f));
+                            ss[k][t] = _mm512_dpbusd_epi32(ss[k][t], *c, _mm512_set1_epi32(f));
                         }
                     }
                 }
             }
+            // The second set's sums into the first (a loop, not a closure: see `units_pass`).
+            for k in 1..H {
+                for t in 0..T {
+                    sq[0][t] = _mm512_add_epi32(sq[0][t], sq[k][t]);
+                    sr[0][t] = _mm512_add_epi32(sr[0][t], sr[k][t]);
+                    ss[0][t] = _mm512_add_epi32(ss[0][t], ss[k][t]);
+                }
+            }
+            let (sq, sr, ss) = (sq[0], sr[0], ss[0]);
             for t in 0..T {
                 let mut i = _mm512_add_epi32(slices_shift::<EXACT>(sq[t]), sr[t]);
                 if EXACT {
