@@ -79,8 +79,9 @@ fn story_mlx_mixed() {
     );
 }
 
-/// `--quantize q4 --activations int8` on the bf16 fixture: on AVX-512 + VNNI the MLPs' matrices are stored in
-/// lanes at load (not the attention's; for f32 activations too), and the int8 path stays within
+/// `--quantize q4 --activations int8` on the bf16 fixture: on AVX-512 + VNNI the matrices the kernels apply
+/// whole (the MLPs', the attention's projections, `lm_head`) are stored in lanes at load, for f32 activations
+/// too; `kv_b_proj` (cut per head) and the embedding (read by rows) are not. The int8 path stays within
 /// the bound of the f32 path on the same quantized weights, prefill and decode.
 #[test]
 fn quantized_at_load_stored_in_lanes() {
@@ -105,7 +106,17 @@ fn quantized_at_load_stored_in_lanes() {
         lanes(&exact, "model.layers.0.mlp.gate_proj", 256, 128),
         vnni
     );
-    assert!(!lanes(&fast, "model.layers.0.self_attn.o_proj", 128, 256));
+    assert_eq!(
+        lanes(&fast, "model.layers.0.self_attn.o_proj", 128, 256),
+        vnni
+    );
+    assert_eq!(
+        lanes(&fast, "model.layers.0.self_attn.q_a_proj", 64, 128),
+        vnni
+    );
+    assert_eq!(lanes(&exact, "lm_head", 1280, 128), vnni);
+    assert!(!lanes(&fast, "model.layers.0.self_attn.kv_b_proj", 512, 64));
+    assert!(!lanes(&fast, "model.embed_tokens", 1280, 128));
 
     let (exact, fast) = (
         Model::load(&exact, |_| {}).unwrap(),
