@@ -221,6 +221,12 @@ pub(crate) fn xl_stride(cols: usize) -> usize {
 const XT_BLOCK: usize = 32;
 
 impl Prepared {
+    /// Int8 slices per token in [`Prepared::xl`]: three for f32 activations, two for int8 ones (0: none).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn xl_slices(&self) -> usize {
+        self.xl.len() / (self.tokens * xl_stride(self.cols)).max(1)
+    }
+
     /// `group` and `nibbles` as in [`Weight::prep_key`]; `units`: int8 activations over 4-bit-order rows in
     /// groups of 64 or more go in [`transpose_units`] order, where the columns allow.
     #[inline(always)]
@@ -786,13 +792,19 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: PrepKey) -> Prepared {
                 nibbles,
                 units,
                 false,
-                lanes
-                    || x.len() / cols
-                        >= if packed4 {
-                            LANE_TOKENS
-                        } else {
-                            LANE_TOKENS_WIDENED
-                        },
+                if lanes {
+                    x86::Laned::Only
+                } else if x.len() / cols
+                    >= if packed4 {
+                        LANE_TOKENS
+                    } else {
+                        LANE_TOKENS_WIDENED
+                    }
+                {
+                    x86::Laned::Also
+                } else {
+                    x86::Laned::No
+                },
             )
         },
         // f32 activations of fewer tokens than the tiles take against 4-bit-order rows, of more against 4-bit
@@ -811,7 +823,11 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: PrepKey) -> Prepared {
                 nibbles,
                 units && !f32_laned,
                 true,
-                f32_laned,
+                match (lanes, f32_laned) {
+                    (true, _) => x86::Laned::Only,
+                    (false, true) => x86::Laned::Also,
+                    (false, false) => x86::Laned::No,
+                },
             )
         },
         #[cfg(target_arch = "x86_64")]
@@ -1544,7 +1560,9 @@ mod tests {
             x[2 * group..3 * group].fill(0.0);
             let f = Prepared::new(&x, cols, (group, true, Activations::F32), false).xf;
             // SAFETY: checked above.
-            let px = unsafe { x86::prepare_int8_avx512(&x, cols, group, true, false, true, false) };
+            let px = unsafe {
+                x86::prepare_int8_avx512(&x, cols, group, true, false, true, x86::Laned::No)
+            };
             let k = EXACT_RESIDUAL;
             for (i, v) in f.iter().enumerate() {
                 let (q, r, s) = (px.xq[i] as i32, px.xr[i] as i32, px.xs[i] as i32);
@@ -1848,7 +1866,15 @@ mod tests {
                 let want = Prepared::new(&x, cols, (group, nibbles, Activations::Int8), units);
                 // SAFETY: checked above.
                 let got = unsafe {
-                    x86::prepare_int8_avx512(&x, cols, group, nibbles, units, false, true)
+                    x86::prepare_int8_avx512(
+                        &x,
+                        cols,
+                        group,
+                        nibbles,
+                        units,
+                        false,
+                        x86::Laned::Also,
+                    )
                 };
                 let case = format!("{tokens}×{cols} g{group} nibbles {nibbles} units {units}");
                 assert_eq!(got.units, want.units, "{case}");

@@ -328,6 +328,15 @@ pub(super) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
     out
 }
 
+/// Whether [`prepare_int8_avx512`] also writes each token's slices in nibble order ([`Prepared::xl`]).
+#[derive(Clone, Copy, PartialEq)]
+pub(super) enum Laned {
+    No,
+    Also,
+    /// Only there: for a matrix stored in lanes, whose kernel reads nothing else.
+    Only,
+}
+
 /// [`Prepared::new`] for int8 activations in groups of a multiple of 64: each 64-value chunk is permuted
 /// (4-bit rows), quantized and stored as four 16-byte blocks, in [`super::transpose_units`] order when `units`
 /// allows — the same values as the scalar preparation, without its intermediate copies. `exact`: the three
@@ -343,20 +352,23 @@ pub(super) unsafe fn prepare_int8_avx512(
     nibbles: bool,
     units: bool,
     exact: bool,
-    lanes: bool,
+    lanes: Laned,
 ) -> Prepared {
     debug_assert!(group.is_multiple_of(64) && cols.is_multiple_of(group));
     let (n, tokens) = (x.len(), x.len() / cols);
     // Also every token's codes in nibble order, not in units order (`Prepared::xl`): its two or three slices.
-    let laned = lanes && nibbles;
+    let laned = lanes != Laned::No && nibbles;
+    // The slices in `xq`, `xr` and `xs`, unless only `xl` is read.
+    let plain = !(laned && lanes == Laned::Only);
     let slices = if exact { 3 } else { 2 };
     let stride = super::xl_stride(cols);
     let mut xl = Aligned::<i8>::zeroed(if laned { slices * tokens * stride } else { 0 });
     let xlp = xl.as_mut_ptr();
     let units = units && nibbles && cols.is_multiple_of(UNIT);
     let groups = n / group;
-    let (mut xq, mut xr) = (Aligned::<i8>::zeroed(n), Aligned::<i8>::zeroed(n));
-    let mut xs = Aligned::<i8>::zeroed(if exact { n } else { 0 });
+    let np = if plain { n } else { 0 };
+    let (mut xq, mut xr) = (Aligned::<i8>::zeroed(np), Aligned::<i8>::zeroed(np));
+    let mut xs = Aligned::<i8>::zeroed(if exact { np } else { 0 });
     let (mut dx, mut xsum) = (Vec::with_capacity(groups), Vec::with_capacity(groups));
     // Steps: `q` in `coarse`, `r` in `coarse / ratio`, `s` (exact) in `coarse / ratio²`.
     let ratio = if exact {
@@ -433,11 +445,13 @@ pub(super) unsafe fn prepare_int8_avx512(
                 } else {
                     at + 16 * j
                 };
-                // SAFETY: `to + 16 <= n`.
                 let (hi8, lo8) = (_mm512_cvtsepi32_epi8(hi), _mm512_cvtsepi32_epi8(lo));
-                unsafe {
-                    _mm_storeu_si128(q.add(to) as *mut __m128i, hi8);
-                    _mm_storeu_si128(r.add(to) as *mut __m128i, lo8);
+                if plain {
+                    // SAFETY: `to + 16 <= n`.
+                    unsafe {
+                        _mm_storeu_si128(q.add(to) as *mut __m128i, hi8);
+                        _mm_storeu_si128(r.add(to) as *mut __m128i, lo8);
+                    }
                 }
                 // Token `t`'s slices in nibble order, each `stride` after the one before.
                 let lane_at = slices * (at / cols) * stride + at % cols + 16 * j;
@@ -456,7 +470,9 @@ pub(super) unsafe fn prepare_int8_avx512(
                     )));
                     // SAFETY: as above; `lane_at + 2 · stride + 16 <= 3 · tokens · stride`.
                     unsafe {
-                        _mm_storeu_si128(s3.add(to) as *mut __m128i, least);
+                        if plain {
+                            _mm_storeu_si128(s3.add(to) as *mut __m128i, least);
+                        }
                         if laned {
                             _mm_storeu_si128(xlp.add(lane_at + 2 * stride) as *mut __m128i, least);
                         }
@@ -1688,8 +1704,8 @@ struct LaneRows {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn lanes_block(l: &LaneRows, px: &Prepared, out: &Out) {
-    // f32 activations carry their third slice (`Prepared::xs`), int8 ones none.
-    let exact = !px.xs.is_empty();
+    // f32 activations carry a third slice, int8 ones none.
+    let exact = px.xl_slices() == 3;
     let blocks = px.tokens.div_ceil(if exact { 6 } else { 8 });
     for k in 0..blocks {
         let (t0, t1) = (px.tokens * k / blocks, px.tokens * (k + 1) / blocks);
