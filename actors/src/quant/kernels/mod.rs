@@ -491,8 +491,8 @@ pub fn affine_matmul_isa(isa: Isa, m: &AffineMatrix, x: &[f32], y: &mut [f32], a
     )
 }
 
-/// Runs every job, splitting all their rows into one set of parallel tasks (each task zeroes its rows of the
-/// outputs first, as [`matmul_new`] needs).
+/// Runs every job, splitting all their rows into one set of parallel tasks (each task writes every output of
+/// its rows, as [`matmul_new`] needs).
 pub fn matmul_many(isa: Isa, jobs: &mut [Job]) {
     let calls: Vec<(Weight, &[f32])> = jobs.iter().map(|j| (j.w, j.x)).collect();
     let outs: Vec<Out> = jobs
@@ -505,9 +505,9 @@ pub fn matmul_many(isa: Isa, jobs: &mut [Job]) {
     run_calls(isa, &calls, &outs);
 }
 
-/// [`matmul_many`] into new outputs `[t_i, rows_i]`, each task zeroing its own rows of them first: in parallel
-/// and just before the kernels write there, where zeroed allocations would be a sequential pass over all of
-/// them (~7 MB a layer in a 64-token prefill of the bench model).
+/// [`matmul_many`] into new outputs `[t_i, rows_i]`, uninitialized: each task writes its own rows (zeroing them
+/// first where its kernel adds), where zeroed allocations would be a sequential pass over all of them (~7 MB a
+/// layer in a 64-token prefill of the bench model).
 pub fn matmul_new(isa: Isa, calls: &[(Weight, &[f32])]) -> Vec<Vec<f32>> {
     let mut ys: Vec<Vec<std::mem::MaybeUninit<f32>>> = calls
         .iter()
@@ -531,14 +531,14 @@ pub fn matmul_new(isa: Isa, calls: &[(Weight, &[f32])]) -> Vec<Vec<f32>> {
         .map(|y| {
             let mut y = std::mem::ManuallyDrop::new(y);
             // SAFETY: `run_calls` returned (a panicking task would have unwound past here), so its tasks
-            // zeroed every row of every output before writing it; `MaybeUninit<f32>` has `f32`'s layout.
+            // wrote every row of every output; `MaybeUninit<f32>` has `f32`'s layout.
             unsafe { Vec::from_raw_parts(y.as_mut_ptr().cast::<f32>(), y.len(), y.capacity()) }
         })
         .collect()
 }
 
 /// The work of [`matmul_many`]: `calls[i] = (W, x)` into `outs[i]`, all rows of all calls in one set of
-/// tasks, each zeroing its rows of its output first.
+/// tasks, each writing every output of its rows.
 fn run_calls(isa: Isa, calls: &[(Weight, &[f32])], outs: &[Out]) {
     // Calls that share an input (gate and up of one expert, q_a and kv_a) share its preparation.
     let key = |(w, x): &(Weight, &[f32])| (x.as_ptr(), x.len(), w.prep_key());
@@ -792,19 +792,15 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: PrepKey) -> Prepared {
                 nibbles,
                 units,
                 false,
-                if lanes {
-                    x86::Laned::Only
-                } else if x.len() / cols
-                    >= if packed4 {
-                        LANE_TOKENS
-                    } else {
-                        LANE_TOKENS_WIDENED
-                    }
-                {
-                    x86::Laned::Also
-                } else {
-                    x86::Laned::No
-                },
+                x86::Laned::of(
+                    lanes,
+                    x.len() / cols
+                        >= if packed4 {
+                            LANE_TOKENS
+                        } else {
+                            LANE_TOKENS_WIDENED
+                        },
+                ),
             )
         },
         // f32 activations of fewer tokens than the tiles take against 4-bit-order rows, of more against 4-bit
@@ -823,11 +819,7 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: PrepKey) -> Prepared {
                 nibbles,
                 units && !f32_laned,
                 true,
-                match (lanes, f32_laned) {
-                    (true, _) => x86::Laned::Only,
-                    (false, true) => x86::Laned::Also,
-                    (false, false) => x86::Laned::No,
-                },
+                x86::Laned::of(lanes, f32_laned),
             )
         },
         #[cfg(target_arch = "x86_64")]

@@ -337,6 +337,18 @@ pub(super) enum Laned {
     Only,
 }
 
+impl Laned {
+    /// For rows `stored` in lanes, or rows whose kernel builds its tile per call (`built`), which may leave
+    /// tokens to the unit-order kernels.
+    pub(super) fn of(stored: bool, built: bool) -> Laned {
+        match (stored, built) {
+            (true, _) => Laned::Only,
+            (false, true) => Laned::Also,
+            (false, false) => Laned::No,
+        }
+    }
+}
+
 /// [`Prepared::new`] for int8 activations in groups of a multiple of 64: each 64-value chunk is permuted
 /// (4-bit rows), quantized and stored as four 16-byte blocks, in [`super::transpose_units`] order when `units`
 /// allows — the same values as the scalar preparation, without its intermediate copies. `exact`: the three
