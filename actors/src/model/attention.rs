@@ -305,8 +305,9 @@ impl Attention {
         } else {
             // Many new tokens: a share of the heads per task on the kernels' pool, with each head's `embed_q`
             // and `unembed_out` dequantized and applied in f32 (against `L` tokens the dequantization is a
-            // small cost; the kernels' per-row work on these narrow matrices is not).
-            let tasks = Pool::global().threads().min(h);
+            // small cost; the kernels' per-row work on these narrow matrices is not). Several tasks a
+            // thread, handed out as threads free up: with one each, a thread waited for the other's last heads.
+            let tasks = (HEAD_TASKS_PER_THREAD * Pool::global().threads()).min(h);
             let part = |t: usize| -> Result<Tensor> {
                 let heads = h * t / tasks..h * (t + 1) / tasks;
                 let (h0, hh) = (heads.start, heads.len());
@@ -370,6 +371,12 @@ const QUERY_BLOCK: usize = 64;
 
 /// New tokens of one sequence's step from which the heads' attention runs on the pool (see [`Attention::attend`]).
 const HEADS_ON_POOL: usize = 16;
+
+/// Tasks per pool thread for the heads of a step of [`HEADS_ON_POOL`] or more new tokens. Bench model (16
+/// heads), f32, 64-token prefill, two threads, one build alternating per pass (20 passes each, medians): one
+/// → four a thread -1.5 and -1.8 % of the prefill's time; two -1.1 and -1.3 %, eight (a head a task) +1.0
+/// and -0.3 %.
+const HEAD_TASKS_PER_THREAD: usize = 4;
 
 /// Keys from which a step of fewer than [`HEADS_ON_POOL`] new tokens splits them over the pool
 /// ([`core_split_keys`]). Decode on the bench model after prompts of 64, 192 and 448 tokens (64 decoded, two

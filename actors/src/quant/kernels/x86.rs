@@ -349,6 +349,20 @@ impl Laned {
     }
 }
 
+/// `v` within ±127 where `on` (a vector of quotients about to be rounded to int8 codes).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn clamp127(v: __m512, on: bool) -> __m512 {
+    if on {
+        _mm512_min_ps(
+            _mm512_max_ps(v, _mm512_set1_ps(-127.0)),
+            _mm512_set1_ps(127.0),
+        )
+    } else {
+        v
+    }
+}
+
 /// [`Prepared::new`] for int8 activations in groups of a multiple of 64: each 64-value chunk is permuted
 /// (4-bit rows), quantized and stored as four 16-byte blocks, in [`super::transpose_units`] order when `units`
 /// allows — the same values as the scalar preparation, without its intermediate copies. `exact`: the three
@@ -390,7 +404,6 @@ pub(super) unsafe fn prepare_int8_avx512(
     } as f32;
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    let (lim, neg) = (_mm512_set1_ps(127.0), _mm512_set1_ps(-127.0));
     let (q, r, s3) = (xq.as_mut_ptr(), xr.as_mut_ptr(), xs.as_mut_ptr());
     for (g, src) in x.chunks_exact(group).enumerate() {
         // The exact Σx in sixteen lanes, summed in order (as `lane_sum`), and max |x|.
@@ -437,20 +450,17 @@ pub(super) unsafe fn prepare_int8_avx512(
             };
             let at = g * group + 64 * k;
             for (j, b) in blocks.into_iter().enumerate() {
-                let hi = _mm512_cvtps_epi32(_mm512_min_ps(
-                    _mm512_max_ps(_mm512_mul_ps(b, inv_c), neg),
-                    lim,
-                ));
+                // f32 activations' slices are not clamped: `|b| <= max|x|` is at most 127 coarse steps (and a
+                // few ulps, which round to 127), and each residual spans ±64 steps of the next slice
+                // ([`super::EXACT_RESIDUAL`]). The int8 path's residual spans ±128 fine steps and is clamped.
+                let hi = _mm512_cvtps_epi32(clamp127(_mm512_mul_ps(b, inv_c), !exact));
                 // One rounding (the int8 path's two match the scalar preparation).
                 let rest = if exact {
                     _mm512_fnmadd_ps(_mm512_cvtepi32_ps(hi), c, b)
                 } else {
                     _mm512_sub_ps(b, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), c))
                 };
-                let lo = _mm512_cvtps_epi32(_mm512_min_ps(
-                    _mm512_max_ps(_mm512_mul_ps(rest, inv_f), neg),
-                    lim,
-                ));
+                let lo = _mm512_cvtps_epi32(clamp127(_mm512_mul_ps(rest, inv_f), !exact));
                 // Block j of the chunk; in units order, block `at / 64 % 4` of chunk j of the unit.
                 let to = if units {
                     at / UNIT * UNIT + 64 * j + 16 * (at / 64 % 4)
@@ -476,10 +486,8 @@ pub(super) unsafe fn prepare_int8_avx512(
                 }
                 if exact {
                     let rest = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(lo), f, rest);
-                    let least = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(
-                        _mm512_max_ps(_mm512_mul_ps(rest, inv_ff), neg),
-                        lim,
-                    )));
+                    let least =
+                        _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(rest, inv_ff)));
                     // SAFETY: as above; `lane_at + 2 · stride + 16 <= 3 · tokens · stride`.
                     unsafe {
                         if plain {
