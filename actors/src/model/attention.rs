@@ -16,6 +16,7 @@ use crate::model::exp::exp;
 use crate::model::linear::Linear;
 use crate::model::norm::RmsNorm;
 use crate::model::rope::Rope;
+use crate::quant::kernels::Input;
 use crate::quant::pool::Pool;
 use crate::weights::Weights;
 use candle_core::{Device, Tensor};
@@ -69,8 +70,10 @@ impl HeadLinear {
                 }
                 let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
                 let per = xs.len() / h;
-                let items: Vec<(&Linear, &[f32])> =
-                    heads.iter().zip(xs.chunks_exact(per.max(1))).collect();
+                let items: Vec<(&Linear, Input)> = heads
+                    .iter()
+                    .zip(xs.chunks_exact(per.max(1)).map(Input::all))
+                    .collect();
                 let out: Vec<f32> = Linear::apply_many(&items)?.concat();
                 let o = heads[0].out_dim();
                 Ok(Tensor::from_vec(out, (h, l, o), &Device::Cpu)?)

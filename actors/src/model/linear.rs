@@ -9,7 +9,7 @@
 use crate::error::{Error, Result};
 use crate::quant::affine::AffineMatrix;
 use crate::quant::bf16::Bf16Matrix;
-use crate::quant::kernels::{Isa, Weight, matmul_new};
+use crate::quant::kernels::{Input, Isa, Weight, matmul_new};
 use candle_core::{Device, Tensor, TensorId};
 
 #[derive(Clone)]
@@ -84,10 +84,10 @@ impl Linear {
                 }
             });
         }
-        let rows: Vec<(&Linear, &[f32])> = items
+        let rows: Vec<(&Linear, Input)> = items
             .iter()
             .zip(&slot)
-            .map(|((l, _), &i)| (*l, &inputs[i].1[..]))
+            .map(|((l, _), &i)| (*l, Input::all(&inputs[i].1)))
             .collect();
         Linear::apply_many(&rows)?
             .into_iter()
@@ -99,18 +99,24 @@ impl Linear {
             .collect()
     }
 
-    /// [`Linear::forward_many`] on row-major rows: `x: [t, in]` → `[t, out]`.
-    pub fn apply_many(items: &[(&Linear, &[f32])]) -> Result<Vec<Vec<f32>>> {
+    /// [`Linear::forward_many`] on row-major rows: `x: [t, in]` (or rows of it, picked) → `[t, out]`.
+    pub fn apply_many(items: &[(&Linear, Input)]) -> Result<Vec<Vec<f32>>> {
         for (l, x) in items {
-            if !x.len().is_multiple_of(l.in_dim()) {
+            let rows = x.x.len() / l.in_dim().max(1);
+            if !x.x.len().is_multiple_of(l.in_dim()) {
                 return Err(Error::Invalid(format!(
                     "linear expects rows of {} columns, got {} values",
                     l.in_dim(),
-                    x.len()
+                    x.x.len()
+                )));
+            }
+            if let Some(&t) = x.pick.and_then(|p| p.iter().find(|&&t| t as usize >= rows)) {
+                return Err(Error::Invalid(format!(
+                    "linear picks row {t} of an input of {rows}"
                 )));
             }
         }
-        let calls: Vec<(Weight, &[f32])> = items
+        let calls: Vec<(Weight, Input)> = items
             .iter()
             .filter_map(|(l, x)| l.kernel_weight().map(|w| (w, *x)))
             .collect();
@@ -119,8 +125,9 @@ impl Linear {
             .iter()
             .map(|(l, x)| match l {
                 Linear::Dense(w) => {
+                    let x = x.gather(l.in_dim());
                     let x =
-                        Tensor::from_slice(x, (x.len() / l.in_dim(), l.in_dim()), &Device::Cpu)?;
+                        Tensor::from_slice(&x, (x.len() / l.in_dim(), l.in_dim()), &Device::Cpu)?;
                     Ok(x.matmul(&w.t()?)?.flatten_all()?.to_vec1()?)
                 }
                 _ => kernel_ys

@@ -4,6 +4,7 @@
 use crate::error::Result;
 use crate::model::exp::exp;
 use crate::model::linear::Linear;
+use crate::quant::kernels::Input;
 use crate::quant::pool::Pool;
 use crate::weights::Weights;
 use candle_core::{Device, Tensor};
@@ -51,15 +52,15 @@ impl Mlp {
     /// `x: [t, hidden]` → `[t, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let y = Mlp::apply_many(&[(self, &rows)])?.remove(0);
+        let y = Mlp::apply_many(&[(self, Input::all(&rows))])?.remove(0);
         let t = y.len() / self.down.out_dim();
         Ok(Tensor::from_vec(y, (t, self.down.out_dim()), &Device::Cpu)?)
     }
 
-    /// Several MLPs on their own row-major inputs `[t, hidden]` (the experts a batch routes to), each
-    /// projection stage of all of them in one parallel region.
-    pub fn apply_many(items: &[(&Mlp, &[f32])]) -> Result<Vec<Vec<f32>>> {
-        let mut first: Vec<(&Linear, &[f32])> = Vec::with_capacity(items.len() * 2);
+    /// Several MLPs on their own row-major inputs `[t, hidden]` (the experts a batch routes to: rows picked
+    /// from one input), each projection stage of all of them in one parallel region.
+    pub fn apply_many(items: &[(&Mlp, Input)]) -> Result<Vec<Vec<f32>>> {
+        let mut first: Vec<(&Linear, Input)> = Vec::with_capacity(items.len() * 2);
         for (m, x) in items {
             first.push((&m.gate, *x));
             first.push((&m.up, *x));
@@ -73,16 +74,20 @@ impl Mlp {
                 silu_mul(g, u);
             }
         };
-        if items.iter().map(|(_, x)| x.len()).sum::<usize>() < PARALLEL_SILU {
+        let values: usize = items
+            .iter()
+            .map(|(m, x)| x.tokens(m.gate.in_dim()) * m.gate.in_dim())
+            .sum();
+        if values < PARALLEL_SILU {
             (0..pairs.len()).for_each(one);
         } else {
             Pool::global().run(pairs.len(), &one);
         }
         drop(pairs);
-        let second: Vec<(&Linear, &[f32])> = items
+        let second: Vec<(&Linear, Input)> = items
             .iter()
             .zip(gu.chunks_exact(2))
-            .map(|((m, _), p)| (&m.down, &p[0][..]))
+            .map(|((m, _), p)| (&m.down, Input::all(&p[0])))
             .collect();
         Linear::apply_many(&second)
     }
@@ -126,13 +131,17 @@ mod tests {
                     .collect()
             })
             .collect();
-        let items: Vec<(&Mlp, &[f32])> = mlps.iter().zip(&xs).map(|(m, x)| (m, &x[..])).collect();
+        let items: Vec<(&Mlp, Input)> = mlps
+            .iter()
+            .zip(&xs)
+            .map(|(m, x)| (m, Input::all(x)))
+            .collect();
         // Enough values for the activation to run on the pool; one MLP alone runs it on this thread.
         assert!(xs.iter().map(Vec::len).sum::<usize>() >= PARALLEL_SILU);
         let many = Mlp::apply_many(&items).unwrap();
         for ((m, x), y) in items.iter().zip(&many) {
-            assert_eq!(&Mlp::apply_many(&[(m, x)]).unwrap()[0], y);
-            let xt = Tensor::from_slice(x, (tokens, hidden), &Device::Cpu).unwrap();
+            assert_eq!(&Mlp::apply_many(&[(m, *x)]).unwrap()[0], y);
+            let xt = Tensor::from_slice(x.x, (tokens, hidden), &Device::Cpu).unwrap();
             let lin = |l: &Linear, x: &Tensor| Linear::forward_many(&[(l, x)]).unwrap().remove(0);
             let h = (candle_nn::ops::silu(&lin(&m.gate, &xt)).unwrap() * lin(&m.up, &xt)).unwrap();
             let want: Vec<f32> = lin(&m.down, &h).flatten_all().unwrap().to_vec1().unwrap();

@@ -5,6 +5,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::linear::Linear;
 use crate::model::mlp::Mlp;
+use crate::quant::kernels::Input;
 use crate::quant::pool::Pool;
 use crate::weights::{Weights, in_stream};
 use candle_core::{Device, Tensor};
@@ -205,34 +206,28 @@ impl ExpertGroup {
             }
         }
         let pool = (t >= PARALLEL_TOKENS).then(Pool::global);
-        // Each expert's tokens gathered into its own input, the experts in parallel for a prefill; an expert
-        // that takes every token in order (each one a decode step routes to) reads `x` itself (`None`), so the
-        // kernels prepare it once for all of them.
-        let gather = |e: usize| -> Option<Vec<f32>> {
-            let rows = &by_expert[e].1;
-            if rows.len() == t && rows.iter().enumerate().all(|(i, r)| r.0 as usize == i) {
-                return None;
-            }
-            let mut rows_x = Vec::with_capacity(rows.len() * hidden);
-            for &(token, _) in rows {
-                let token = token as usize;
-                rows_x.extend_from_slice(&xs[token * hidden..(token + 1) * hidden]);
-            }
-            Some(rows_x)
-        };
-        let inputs: Vec<Option<Vec<f32>>> = match pool {
-            Some(p) => p.map(by_expert.len(), &gather),
-            None => (0..by_expert.len()).map(gather).collect(),
-        };
+        // Each expert's tokens, picked from `x` (the kernels prepare `x` once for all of them where they
+        // read picked rows); none picked for an expert that takes every token in order (each one a decode
+        // step routes to).
+        let picks: Vec<Option<Vec<u32>>> = by_expert
+            .iter()
+            .map(|(_, rows)| {
+                let all =
+                    rows.len() == t && rows.iter().enumerate().all(|(i, r)| r.0 as usize == i);
+                (!all).then(|| rows.iter().map(|r| r.0).collect())
+            })
+            .collect();
         // The shared expert first: its weights are the same every step, so the pool can prefetch them.
-        let items: Vec<(&Mlp, &[f32])> = shared
-            .map(|s| (s, &xs[..]))
+        let items: Vec<(&Mlp, Input)> = shared
+            .map(|s| (s, Input::all(&xs)))
             .into_iter()
-            .chain(
-                mlps.iter()
-                    .zip(&inputs)
-                    .map(|(m, x)| (*m, x.as_deref().unwrap_or(&xs))),
-            )
+            .chain(mlps.iter().zip(&picks).map(|(m, pick)| {
+                let input = Input {
+                    x: &xs,
+                    pick: pick.as_deref(),
+                };
+                (*m, input)
+            }))
             .collect();
         let mut outputs = Mlp::apply_many(&items)?;
         let mut out: Vec<f32> = match shared {
@@ -268,7 +263,7 @@ impl ExpertGroup {
     }
 }
 
-/// Tokens per call from which gathering and scattering them run on the kernels' pool (a prefill's).
+/// Tokens per call from which scattering the experts' outputs to them runs on the kernels' pool (a prefill's).
 const PARALLEL_TOKENS: usize = 16;
 
 /// Dense MLP of layers below `first_k_dense_replace`, or the MoE block.

@@ -24,11 +24,11 @@ struct Successors {
 impl Successors {
     /// Records the call `calls` as the successor of the previous call, and returns what the call after it
     /// read first last time, if known.
-    fn record(&mut self, calls: &[(Weight, &[f32])]) -> Option<Vec<(usize, usize)>> {
-        let key = calls.first().map(|c| address(c.0))?;
+    fn record(&mut self, calls: &[Weight]) -> Option<Vec<(usize, usize)>> {
+        let key = calls.first().map(|w| address(*w))?;
         let mut ranges = Vec::new();
         let mut left = HEAD_BYTES;
-        for (w, _) in calls {
+        for w in calls {
             if left == 0 {
                 break;
             }
@@ -44,7 +44,7 @@ impl Successors {
 static SUCCESSORS: LazyLock<Mutex<Successors>> = LazyLock::new(Mutex::default);
 
 /// [`Successors::record`] on the process's calls.
-pub(super) fn record(calls: &[(Weight, &[f32])]) -> Option<Vec<(usize, usize)>> {
+pub(super) fn record(calls: &[Weight]) -> Option<Vec<(usize, usize)>> {
     SUCCESSORS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -94,10 +94,9 @@ mod tests {
         };
         // `c` is bigger than the head that is prefetched.
         let (a, b, c) = (m(8, 1), m(16, 2), m(8192, 3));
-        let x = vec![0f32; 256];
         let job = |w: &AffineMatrix| -> Vec<(usize, usize)> {
             let mut s = Successors::default();
-            let _ = s.record(&[(Weight::Affine(w), &x[..])]);
+            let _ = s.record(&[Weight::Affine(w)]);
             s.next.remove(&0).unwrap_or_default()
         };
         let (head_a, head_b, head_c) = (job(&a), job(&b), job(&c));
@@ -106,7 +105,7 @@ mod tests {
         assert_eq!(head_c[1].1, c.scales.len() * HEAD_BYTES / c.packed.len());
 
         let mut s = Successors::default();
-        let mut call = |w: &AffineMatrix| s.record(&[(Weight::Affine(w), &x[..])]);
+        let mut call = |w: &AffineMatrix| s.record(&[Weight::Affine(w)]);
         assert_eq!(call(&a), None);
         assert_eq!(call(&b), None);
         assert_eq!(call(&c), None);

@@ -439,6 +439,41 @@ impl Weight<'_> {
 /// See [`Weight::prep_key`].
 type PrepKey = (usize, bool, Activations, bool, bool);
 
+/// The input of a call: `x: [t, cols]`, or rows `pick` of it (each expert's tokens of a prefill, which then
+/// share one preparation of `x` where the kernel reads picked rows: 4-bit rows stored in lanes).
+#[derive(Clone, Copy)]
+pub struct Input<'a> {
+    pub x: &'a [f32],
+    pub pick: Option<&'a [u32]>,
+}
+
+impl<'a> Input<'a> {
+    /// All of `x`, in order.
+    pub fn all(x: &'a [f32]) -> Input<'a> {
+        Input { x, pick: None }
+    }
+
+    /// The call's token count, `x` having `cols` columns.
+    pub fn tokens(&self, cols: usize) -> usize {
+        self.pick.map_or(self.x.len() / cols.max(1), <[u32]>::len)
+    }
+
+    /// The picked rows copied out (all of `x`, borrowed, where none are picked). Panics on a pick past
+    /// `x`'s rows: callers check their picks.
+    pub fn gather(&self, cols: usize) -> std::borrow::Cow<'a, [f32]> {
+        match self.pick {
+            None => std::borrow::Cow::Borrowed(self.x),
+            Some(pick) => {
+                let mut rows = Vec::with_capacity(pick.len() * cols);
+                for &t in pick {
+                    rows.extend_from_slice(&self.x[t as usize * cols..][..cols]);
+                }
+                std::borrow::Cow::Owned(rows)
+            }
+        }
+    }
+}
+
 /// One matrix application of a [`matmul_many`] call: `y[t, rows] = x[t, cols] · Wᵀ`.
 pub struct Job<'a> {
     pub w: Weight<'a>,
@@ -499,7 +534,7 @@ pub fn affine_matmul_isa(isa: Isa, m: &AffineMatrix, x: &[f32], y: &mut [f32], a
 /// Runs every job, splitting all their rows into one set of parallel tasks (each task writes every output of
 /// its rows, as [`matmul_new`] needs).
 pub fn matmul_many(isa: Isa, jobs: &mut [Job]) {
-    let calls: Vec<(Weight, &[f32])> = jobs.iter().map(|j| (j.w, j.x)).collect();
+    let calls: Vec<(Weight, Input)> = jobs.iter().map(|j| (j.w, Input::all(j.x))).collect();
     let outs: Vec<Out> = jobs
         .iter_mut()
         .map(|j| Out {
@@ -513,11 +548,11 @@ pub fn matmul_many(isa: Isa, jobs: &mut [Job]) {
 /// [`matmul_many`] into new outputs `[t_i, rows_i]`, uninitialized: each task writes its own rows (zeroing them
 /// first where its kernel adds), where zeroed allocations would be a sequential pass over all of them (~7 MB a
 /// layer in a 64-token prefill of the bench model).
-pub fn matmul_new(isa: Isa, calls: &[(Weight, &[f32])]) -> Vec<Vec<f32>> {
+pub fn matmul_new(isa: Isa, calls: &[(Weight, Input)]) -> Vec<Vec<f32>> {
     let mut ys: Vec<Vec<std::mem::MaybeUninit<f32>>> = calls
         .iter()
         .map(|(w, x)| {
-            let len = x.len() / w.cols().max(1) * w.rows();
+            let len = x.tokens(w.cols()) * w.rows();
             let mut y = Vec::with_capacity(len);
             // SAFETY: `MaybeUninit` needs no initialization.
             unsafe { y.set_len(len) };
@@ -544,9 +579,18 @@ pub fn matmul_new(isa: Isa, calls: &[(Weight, &[f32])]) -> Vec<Vec<f32>> {
 
 /// The work of [`matmul_many`]: `calls[i] = (W, x)` into `outs[i]`, all rows of all calls in one set of
 /// tasks, each writing every output of its rows.
-fn run_calls(isa: Isa, calls: &[(Weight, &[f32])], outs: &[Out]) {
-    // Calls that share an input (gate and up of one expert, q_a and kv_a) share its preparation.
-    let key = |(w, x): &(Weight, &[f32])| (x.as_ptr(), x.len(), w.prep_key());
+fn run_calls(isa: Isa, calls: &[(Weight, Input)], outs: &[Out]) {
+    // Calls that share an input (gate and up of one expert, q_a and kv_a; every expert of a prefill, where
+    // the kernel reads picked rows) share its preparation.
+    let key = |c: &(Weight, Input)| {
+        let own = c.1.pick.filter(|_| !picks_rows(isa, c.0));
+        (
+            c.1.x.as_ptr(),
+            c.1.x.len(),
+            own.map(|p| (p.as_ptr(), p.len())),
+            c.0.prep_key(),
+        )
+    };
     let mut firsts: Vec<usize> = Vec::with_capacity(calls.len());
     let mut which: Vec<usize> = Vec::with_capacity(calls.len());
     for (i, c) in calls.iter().enumerate() {
@@ -556,24 +600,33 @@ fn run_calls(isa: Isa, calls: &[(Weight, &[f32])], outs: &[Out]) {
             firsts.len() - 1
         }));
     }
+    // The kernels read picked rows without bounds checks.
+    for (w, x) in calls {
+        let rows = x.x.len() / w.cols().max(1);
+        assert!(
+            x.pick
+                .is_none_or(|p| p.iter().all(|&t| (t as usize) < rows)),
+            "a call picks a row past its input's {rows}"
+        );
+    }
     let prepared = prepare_all(isa, calls, &firsts);
     debug_assert!(
         calls
             .iter()
             .zip(outs)
-            .all(|((w, x), out)| out.len == x.len() / w.cols() * w.rows())
+            .all(|((w, x), out)| out.len == x.tokens(w.cols()) * w.rows())
     );
     let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
     let mut total = 0;
     let weights: usize = calls.iter().map(|(w, _)| w.weight_bytes()).sum();
-    let per_thread = if prepared.iter().any(|p| p.tokens > 1) {
+    let per_thread = if calls.iter().any(|(w, x)| x.tokens(w.cols()) > 1) {
         MANY_TOKEN_TASKS_PER_THREAD
     } else {
         TASKS_PER_THREAD
     };
     let task_bytes =
         (weights / (Pool::global().threads() * per_thread)).clamp(16 << 10, TASK_BYTES);
-    for (ci, (w, _)) in calls.iter().enumerate() {
+    for (ci, (w, x)) in calls.iter().enumerate() {
         // Whole blocks of four rows (the one-token kernels' passes), so each row's arithmetic, and its result
         // to the bit, does not depend on how a call is split.
         // Rows stored in lanes: whole blocks of sixteen.
@@ -587,23 +640,35 @@ fn run_calls(isa: Isa, calls: &[(Weight, &[f32])], outs: &[Out]) {
         for r0 in (0..w.rows()).step_by(per) {
             tasks.push((ci, r0, (r0 + per).min(w.rows())));
         }
-        total += w.weight_bytes() * prepared[which[ci]].tokens.max(1);
+        total += w.weight_bytes() * x.tokens(w.cols()).max(1);
     }
     let run = |&(ci, r0, r1): &(usize, usize, usize)| {
-        let (w, out) = (calls[ci].0, &outs[ci]);
-        let rows = w.rows();
-        // The rows-in-lanes kernel stores every output of its rows (whole blocks of sixteen, every token,
-        // `x86::lanes_pass`); the others are zeroed first, whichever of them may add to an output.
-        if !matches!(w, Weight::Affine(m) if m.lanes) {
-            for t in 0..out.len / rows.max(1) {
-                debug_assert!(t * rows + r1 <= out.len);
-                // SAFETY: in bounds; rows `r0..r1` of the output belong to this task alone.
-                unsafe { std::ptr::write_bytes(out.ptr.add(t * rows + r0), 0, r1 - r0) };
+        let ((w, x), out) = (calls[ci], &outs[ci]);
+        let px = &prepared[which[ci]];
+        match (w, x.pick) {
+            // SAFETY: `picks_rows`: rows stored in lanes, which `lanes_apply` allows only where the CPU has
+            // AVX-512 + VNNI; `px` prepares all of `x`, and the tasks start at whole blocks of sixteen rows.
+            #[cfg(target_arch = "x86_64")]
+            (Weight::Affine(m), Some(pick)) if picks_rows(isa, w) => unsafe {
+                x86::lanes_stored(m, px, Some(pick), out, r0..r1)
+            },
+            _ => {
+                let rows = w.rows();
+                // The rows-in-lanes kernel stores every output of its rows (whole blocks of sixteen, every
+                // token, `x86::lanes_pass`); the others are zeroed first, whichever of them may add to an output.
+                if !matches!(w, Weight::Affine(m) if m.lanes) {
+                    for t in 0..out.len / rows.max(1) {
+                        debug_assert!(t * rows + r1 <= out.len);
+                        // SAFETY: in bounds; rows `r0..r1` of the output belong to this task alone.
+                        unsafe { std::ptr::write_bytes(out.ptr.add(t * rows + r0), 0, r1 - r0) };
+                    }
+                }
+                run_rows(isa, w, px, out, r0, r1)
             }
         }
-        run_rows(isa, w, &prepared[which[ci]], out, r0, r1);
     };
-    let successor = lookahead::record(calls);
+    let weights: Vec<Weight> = calls.iter().map(|c| c.0).collect();
+    let successor = lookahead::record(&weights);
     if total < PARALLEL_BYTES {
         tasks.iter().for_each(run);
     } else {
@@ -614,13 +679,33 @@ fn run_calls(isa: Isa, calls: &[(Weight, &[f32])], outs: &[Out]) {
     }
 }
 
+/// Whether the kernel of `w` reads a call's picked rows from a preparation of its whole input: 4-bit rows
+/// stored in lanes, whose preparation ([`x86::Laned::Only`]) holds each token's slices alone and does not
+/// depend on how many tokens there are. Other calls prepare their picked rows, copied out.
+fn picks_rows(isa: Isa, w: Weight) -> bool {
+    matches!(isa, Isa::Avx512 | Isa::Amx) && matches!(w, Weight::Affine(m) if m.lanes)
+}
+
 /// Activation values below which the preparations run on the calling thread (a decode step's).
 const PARALLEL_PREPARE: usize = 1 << 16;
 
-/// The preparations of the inputs of `jobs[firsts[i]]`, in parallel when there are many (a prefill's experts).
-fn prepare_all(isa: Isa, calls: &[(Weight, &[f32])], firsts: &[usize]) -> Vec<Prepared> {
-    let one = |f: usize| prepare(isa, calls[f].1, calls[f].0.cols(), calls[f].0.prep_key());
-    if firsts.iter().map(|&f| calls[f].1.len()).sum::<usize>() < PARALLEL_PREPARE {
+/// The preparations of the inputs of `calls[firsts[i]]` (their picked rows, where the kernel does not pick
+/// them), in parallel when there are many (a prefill's experts).
+fn prepare_all(isa: Isa, calls: &[(Weight, Input)], firsts: &[usize]) -> Vec<Prepared> {
+    let one = |f: usize| {
+        let (w, x) = calls[f];
+        let x = if picks_rows(isa, w) {
+            std::borrow::Cow::Borrowed(x.x)
+        } else {
+            x.gather(w.cols())
+        };
+        prepare(isa, &x, w.cols(), w.prep_key())
+    };
+    let values = |f: usize| match calls[f] {
+        (w, x) if picks_rows(isa, w) => x.x.len(),
+        (w, x) => x.tokens(w.cols()) * w.cols(),
+    };
+    if firsts.iter().map(|&f| values(f)).sum::<usize>() < PARALLEL_PREPARE {
         return firsts.iter().map(|&f| one(f)).collect();
     }
     Pool::global().map(firsts.len(), &|i| one(firsts[i]))
@@ -1900,6 +1985,57 @@ mod tests {
     }
 
     #[test]
+    fn picked_rows_equal_the_same_rows_copied_out() {
+        let x = activations(20 * 256);
+        let picks: [Vec<u32>; 4] = [
+            vec![3],
+            vec![19, 0, 7, 7, 2],
+            (0..13).rev().collect(),
+            (0..20).collect(),
+        ];
+        for act in [Activations::F32, Activations::Int8] {
+            // 4-bit rows (stored in lanes where this CPU reads them so: the kernel picks the rows from one
+            // preparation of `x`), and 3-bit ones (their picked rows copied out and prepared).
+            let ms: Vec<AffineMatrix> = [(40, 4), (48, 4), (36, 3)]
+                .into_iter()
+                .enumerate()
+                .map(|(i, (rows, bits))| {
+                    let mut m = matrix(rows, 256, bits, 64, 7 + i as u64);
+                    if lanes_apply(&m) {
+                        m = stored_in_lanes(&m);
+                    }
+                    m.activations = act;
+                    m
+                })
+                .collect();
+            let isas: Vec<Isa> = if ms.iter().any(|m| m.lanes) {
+                vec![Isa::detect()]
+            } else {
+                Isa::available()
+            };
+            for isa in isas {
+                let calls: Vec<(Weight, Input)> = ms
+                    .iter()
+                    .flat_map(|m| picks.iter().map(move |p| (m, p)))
+                    .map(|(m, p)| {
+                        let input = Input {
+                            x: &x,
+                            pick: Some(p),
+                        };
+                        (Weight::Affine(m), input)
+                    })
+                    .collect();
+                let got = matmul_new(isa, &calls);
+                for ((w, input), y) in calls.iter().zip(&got) {
+                    let rows = input.gather(256);
+                    let want = matmul_new(isa, &[(*w, Input::all(&rows))]).remove(0);
+                    assert_eq!(y, &want, "{isa:?}, {act:?}, pick {:?}", input.pick);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn many_jobs_in_one_region_equal_one_by_one() {
         // Five jobs prepare their inputs on the calling thread; 80 jobs of 6–9 tokens (pairs sharing an
         // input, as gate and up do) have more than `PARALLEL_PREPARE` values and prepare on the pool.
@@ -1954,8 +2090,8 @@ mod tests {
                     .map(|y| vec![f32::NAN; y.len()])
                     .collect::<Vec<_>>(),
             );
-            let calls: Vec<(Weight, &[f32])> = (0..n)
-                .map(|i| (Weight::Affine(&ms[i]), &x_of(i)[..]))
+            let calls: Vec<(Weight, Input)> = (0..n)
+                .map(|i| (Weight::Affine(&ms[i]), Input::all(x_of(i))))
                 .collect();
             assert_eq!(
                 matmul_new(Isa::detect(), &calls),

@@ -186,7 +186,7 @@ impl Dots for Avx512 {
             return false;
         }
         // SAFETY: this set is only used where AVX-512 + VNNI exist; `xl` holds every token's int8 slices.
-        unsafe { lanes_stored(m, px, out, rows) };
+        unsafe { lanes_stored(m, px, None, out, rows) };
         true
     }
     #[inline(always)]
@@ -1668,7 +1668,7 @@ unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops:
             r0: r,
             mask: group_mask(n),
         };
-        unsafe { lanes_block(&l, px, out) };
+        unsafe { lanes_block(&l, px, None, out) };
         r += n;
     }
     TILE.with(|c| c.set((Some(buf), sums)));
@@ -1676,9 +1676,20 @@ unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops:
 
 /// Tokens (int8, or f32 as three int8 slices) against rows `rows` (from a block's first) of a matrix stored in
 /// lanes ([`super::lanes_codes`]): [`int8_lanes`] without the tile to build, each pair of a block's 4-code
-/// words unpacked in registers from its 64 bytes (one AND, one shift, one AND).
+/// words unpacked in registers from its 64 bytes (one AND, one shift, one AND). `pick`: the call's tokens are
+/// `px`'s tokens `pick` (each below `px.tokens`).
+///
+/// # Safety
+/// Needs AVX-512 F/BW/VL + VNNI; `px` holds every token's slices in nibble order ([`Prepared::xl`]), `rows`
+/// starts at a whole block of sixteen, and `out` holds the call's tokens × `m.rows` outputs.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn lanes_stored(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops::Range<usize>) {
+pub(super) unsafe fn lanes_stored(
+    m: &AffineMatrix,
+    px: &Prepared,
+    pick: Option<&[u32]>,
+    out: &Out,
+    rows: std::ops::Range<usize>,
+) {
     let cols = m.cols;
     let (block_bytes, block_scales) = (8 * cols, 16 * m.groups_per_row() * m.scale_type.size());
     let mut r = rows.start;
@@ -1696,7 +1707,7 @@ unsafe fn lanes_stored(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::op
             r0: r,
             mask: group_mask(n),
         };
-        unsafe { lanes_block(&l, px, out) };
+        unsafe { lanes_block(&l, px, pick, out) };
         r += n;
     }
 }
@@ -1719,51 +1730,72 @@ struct LaneRows {
     mask: __mmask16,
 }
 
-/// The block of rows `l` against every token, in balanced blocks of up to eight int8 tokens or six f32 ones
-/// (whose three slices' sums take three registers a token).
+/// The block of rows `l` against every token (`pick`: the call's token `t` is `px`'s token `pick[t]`), in
+/// balanced blocks of up to eight int8 tokens or six f32 ones (whose three slices' sums take three registers
+/// a token).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn lanes_block(l: &LaneRows, px: &Prepared, out: &Out) {
+unsafe fn lanes_block(l: &LaneRows, px: &Prepared, pick: Option<&[u32]>, out: &Out) {
     // f32 activations carry a third slice, int8 ones none.
     let exact = px.xl_slices() == 3;
-    let blocks = px.tokens.div_ceil(if exact { 6 } else { 8 });
+    let tokens = pick.map_or(px.tokens, <[u32]>::len);
+    let blocks = tokens.div_ceil(if exact { 6 } else { 8 });
     for k in 0..blocks {
-        let (t0, t1) = (px.tokens * k / blocks, px.tokens * (k + 1) / blocks);
+        let (t0, t1) = (tokens * k / blocks, tokens * (k + 1) / blocks);
+        let at = Picked { pick, t0 };
         unsafe {
             if exact {
-                lanes_tokens::<true>(l, px, out, t0, t1 - t0)
+                lanes_tokens::<true>(l, px, out, at, t1 - t0)
             } else {
-                lanes_tokens::<false>(l, px, out, t0, t1 - t0)
+                lanes_tokens::<false>(l, px, out, at, t1 - t0)
             }
         }
     }
 }
 
-/// [`lanes_pass`] for the `n` tokens from `t0`.
+/// A block of a call's tokens from its `t0`: `px`'s tokens `pick[t0..]`, or `t0..` where none are picked.
+#[derive(Clone, Copy)]
+struct Picked<'a> {
+    pick: Option<&'a [u32]>,
+    t0: usize,
+}
+
+impl Picked<'_> {
+    /// The preparation's token for the block's token `t`.
+    #[inline(always)]
+    fn source(&self, t: usize) -> usize {
+        match self.pick {
+            Some(p) => p[self.t0 + t] as usize,
+            None => self.t0 + t,
+        }
+    }
+}
+
+/// [`lanes_pass`] for the `n` tokens of block `at`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn lanes_tokens<const EXACT: bool>(
     l: &LaneRows,
     px: &Prepared,
     out: &Out,
-    t0: usize,
+    at: Picked,
     n: usize,
 ) {
     unsafe {
         match n {
-            8 => lanes_pass::<8, EXACT, 1>(l, px, out, t0),
-            7 => lanes_pass::<7, EXACT, 1>(l, px, out, t0),
-            6 => lanes_pass::<6, EXACT, 1>(l, px, out, t0),
-            5 => lanes_pass::<5, EXACT, 1>(l, px, out, t0),
-            4 => lanes_pass::<4, EXACT, 1>(l, px, out, t0),
-            3 => lanes_pass::<3, EXACT, 1>(l, px, out, t0),
-            2 => lanes_pass::<2, EXACT, 1>(l, px, out, t0),
-            _ => lanes_pass::<1, EXACT, 2>(l, px, out, t0),
+            8 => lanes_pass::<8, EXACT, 1>(l, px, out, at),
+            7 => lanes_pass::<7, EXACT, 1>(l, px, out, at),
+            6 => lanes_pass::<6, EXACT, 1>(l, px, out, at),
+            5 => lanes_pass::<5, EXACT, 1>(l, px, out, at),
+            4 => lanes_pass::<4, EXACT, 1>(l, px, out, at),
+            3 => lanes_pass::<3, EXACT, 1>(l, px, out, at),
+            2 => lanes_pass::<2, EXACT, 1>(l, px, out, at),
+            _ => lanes_pass::<1, EXACT, 2>(l, px, out, at),
         }
     }
 }
 
-/// The block of rows `l` against tokens `t0..t0 + T`: per pair of words one load and one AND, one shift and
+/// The block of rows `l` against the `T` tokens of block `at`: per pair of words one load and one AND, one shift and
 /// one AND for the two words; per word and token one `vpdpbusd` takes the token's four coarse codes as a
 /// broadcast memory operand, another its residual ones (`EXACT`, f32 activations: a third its finest ones,
 /// [`super::Q8::s`]). The sums are converted once per group and token (`EXACT`: once per 64 codes, below
@@ -1776,15 +1808,19 @@ unsafe fn lanes_pass<const T: usize, const EXACT: bool, const H: usize>(
     l: &LaneRows,
     px: &Prepared,
     out: &Out,
-    t0: usize,
+    at: Picked,
 ) {
     let (pairs, gpr) = (l.group / 8, l.cols / l.group);
     let slices = if EXACT { 3 } else { 2 };
     // Token `t`'s coarse codes as 4-code words; its finer slices follow, each `xl_stride / 4` words on.
     let stride = super::xl_stride(l.cols);
+    let src: [usize; T] = std::array::from_fn(|t| at.source(t));
     let x: [*const i32; T] =
-        std::array::from_fn(|t| px.xl[slices * (t0 + t) * stride..].as_ptr() as *const i32);
+        std::array::from_fn(|t| px.xl[slices * src[t] * stride..].as_ptr() as *const i32);
     let rw = stride / 4;
+    // Each token's steps and sums per group.
+    let dx: [&[f32]; T] = std::array::from_fn(|t| px.dx_of(src[t]));
+    let xsum: [&[f32]; T] = std::array::from_fn(|t| px.xsum_of(src[t]));
     let span = if EXACT { 8 } else { pairs };
     let nib = _mm512_set1_epi8(0x0f);
     let mut acc = [_mm512_setzero_ps(); T];
@@ -1836,19 +1872,17 @@ unsafe fn lanes_pass<const T: usize, const EXACT: bool, const H: usize>(
                     i = _mm512_add_epi32(slices_shift::<EXACT>(i), ss[t]);
                 }
                 let v = _mm512_mul_ps(_mm512_cvtepi32_ps(i), s);
-                let dx = px.dx_of(t0 + t)[g];
-                acc[t] = _mm512_fmadd_ps(v, _mm512_set1_ps(dx), acc[t]);
+                acc[t] = _mm512_fmadd_ps(v, _mm512_set1_ps(dx[t][g]), acc[t]);
             }
         }
         // SAFETY: as above.
         let b = unsafe { scales16(l.biases, l.st, 16 * g, 0xffff) };
         for (t, a) in acc.iter_mut().enumerate() {
-            let xs = px.xsum_of(t0 + t)[g];
-            *a = _mm512_fmadd_ps(b, _mm512_set1_ps(xs), *a);
+            *a = _mm512_fmadd_ps(b, _mm512_set1_ps(xsum[t][g]), *a);
         }
     }
     for (t, a) in acc.iter().enumerate() {
-        let i = (t0 + t) * l.rows + l.r0;
+        let i = (at.t0 + t) * l.rows + l.r0;
         debug_assert!(i + l.mask.count_ones() as usize <= out.len);
         // SAFETY: outputs `(t0 + t, r0..r0 + n)` are in bounds, and these rows belong to this task alone.
         unsafe { _mm512_mask_storeu_ps(out.ptr.add(i), l.mask, *a) };
