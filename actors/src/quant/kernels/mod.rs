@@ -737,6 +737,13 @@ trait Dots {
         std::array::from_fn(|t| Self::dot_bf16(row, x[t]))
     }
 
+    /// [`Dots::dot_bf16_xn`] for four rows at once (each activation is loaded once for all of them), each
+    /// row's sums the same as alone.
+    #[inline(always)]
+    fn dot_bf16_rows4_xn<const N: usize>(rows: [&[u8]; 4], x: [&[f32]; N]) -> [[f32; N]; 4] {
+        std::array::from_fn(|r| Self::dot_bf16_xn(rows[r], x))
+    }
+
     /// A 2/3/5/6-bit row in the form this set's kernels read (see [`widen`]), at the start of `out` (`cols`
     /// bytes); returns its length.
     #[inline(always)]
@@ -1025,9 +1032,21 @@ fn bf16_pass<K: Dots, const N: usize>(
     t0: usize,
 ) {
     let rb = m.row_bytes();
+    let row = |r: usize| &m.data[r * rb..(r + 1) * rb];
     let x: [&[f32]; N] = std::array::from_fn(|t| px.xf_of(t0 + t));
-    for r in rows {
-        let dots = K::dot_bf16_xn(&m.data[r * rb..(r + 1) * rb], x);
+    let mut r = rows.start;
+    // Four rows at a time: alone, each row streams all `N` tokens' activations, more than L1 holds.
+    while r + 4 <= rows.end {
+        let dots = K::dot_bf16_rows4_xn([row(r), row(r + 1), row(r + 2), row(r + 3)], x);
+        for (i, d) in dots.iter().enumerate() {
+            for (t, d) in d.iter().enumerate() {
+                store(out, m.rows, r + i, t0 + t, *d);
+            }
+        }
+        r += 4;
+    }
+    for r in r..rows.end {
+        let dots = K::dot_bf16_xn(row(r), x);
         for (t, d) in dots.into_iter().enumerate() {
             store(out, m.rows, r, t0 + t, d);
         }
@@ -1897,7 +1916,8 @@ mod tests {
     }
 
     fn bf16_rows_match_the_f32_reference(t: usize) {
-        let (rows, cols) = (300, 200);
+        // Rows in fours, and a task's last two alone (tasks split rows in fours).
+        let (rows, cols) = (302, 200);
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| half::bf16::from_f32((i % 97) as f32 / 50.0 - 1.0).to_f32())
             .collect();
@@ -1926,6 +1946,21 @@ mod tests {
                 "{isa:?} t {t}: {}",
                 max_err(&y, &want)
             );
+            // Each token's sums, bit for bit, as alone (in fours of rows or not, blocks of tokens or not).
+            for (ti, x) in x.chunks_exact(cols).enumerate() {
+                let mut alone = vec![0f32; rows];
+                let job = Job {
+                    w: Weight::Bf16(&m),
+                    x,
+                    y: &mut alone,
+                };
+                matmul_many(isa, &mut [job]);
+                assert_eq!(
+                    &y[ti * rows..][..rows],
+                    &alone[..],
+                    "{isa:?} t {t}: token {ti}"
+                );
+            }
         }
     }
 

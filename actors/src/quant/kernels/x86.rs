@@ -66,6 +66,10 @@ impl Dots for Avx512 {
         unsafe { dot_bf16_xn_avx512(row, x) }
     }
     #[inline(always)]
+    fn dot_bf16_rows4_xn<const N: usize>(rows: [&[u8]; 4], x: [&[f32]; N]) -> [[f32; N]; 4] {
+        unsafe { dot_bf16_rows4_xn_avx512(rows, x) }
+    }
+    #[inline(always)]
     fn widen(packed: &[u8], bits: u32, group: usize, int8: bool, out: &mut [u8]) -> usize {
         if has_vbmi() {
             // The int8 kernels for groups of 64 and 128 read 2/3-bit rows as bytes in chunk order.
@@ -2491,6 +2495,55 @@ unsafe fn dot_bf16_xn_avx2<const N: usize>(row: &[u8], x: [&[f32]; N]) -> [f32; 
     let mut sums = [0f32; N];
     for t in 0..N {
         sums[t] = hsum256(acc[t]) + super::scalar::dot_bf16(&row[2 * n..], &x[t][n..]);
+    }
+    sums
+}
+
+/// [`dot_bf16_xn_avx512`] for four rows of the same length: each 16 activations of a token are loaded once for
+/// the four rows, and every (row, token) sum is added in the same order as there.
+///
+/// # Safety
+/// Needs AVX-512F; each row holds `x[t].len()` bf16 values.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_bf16_rows4_xn_avx512<const N: usize>(
+    rows: [&[u8]; 4],
+    x: [&[f32]; N],
+) -> [[f32; N]; 4] {
+    let cols = rows[0].len() / 2;
+    debug_assert!(rows.iter().all(|r| r.len() == 2 * cols));
+    let n = cols / 16 * 16;
+    let mut acc = [[_mm512_setzero_ps(); N]; 4];
+    let mut i = 0;
+    while i < n {
+        // Four loops written out, not `array::map`: a closure would not inherit `target_feature`.
+        let mut w = [_mm512_setzero_ps(); 4];
+        for (r, row) in rows.iter().enumerate() {
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    row.as_ptr().wrapping_add(2 * i + PREFETCH) as *const i8
+                );
+                let v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                    row.as_ptr().add(2 * i) as *const __m256i
+                ));
+                w[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            }
+        }
+        for t in 0..N {
+            // SAFETY: `i + 16 <= n <= x[t].len()`.
+            let xv = unsafe { _mm512_loadu_ps(x[t].as_ptr().add(i)) };
+            for r in 0..4 {
+                acc[r][t] = _mm512_fmadd_ps(w[r], xv, acc[r][t]);
+            }
+        }
+        i += 16;
+    }
+    let mut sums = [[0f32; N]; 4];
+    for r in 0..4 {
+        for t in 0..N {
+            sums[r][t] = _mm512_reduce_add_ps(acc[r][t])
+                + super::scalar::dot_bf16(&rows[r][2 * n..], &x[t][n..]);
+        }
     }
     sums
 }
