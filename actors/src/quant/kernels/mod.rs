@@ -2021,50 +2021,55 @@ mod tests {
 
     #[test]
     fn picked_rows_equal_the_same_rows_copied_out() {
-        let x = activations(20 * 256);
         let picks: [Vec<u32>; 4] = [
             vec![3],
             vec![19, 0, 7, 7, 2],
             (0..13).rev().collect(),
             (0..20).collect(),
         ];
-        for act in [Activations::F32, Activations::Int8] {
-            // 4-bit rows (stored in lanes where this CPU reads them so: the kernel picks the rows from one
-            // preparation of `x`), and 3-bit ones (their picked rows copied out and prepared).
-            let ms: Vec<AffineMatrix> = [(40, 4), (48, 4), (36, 3)]
-                .into_iter()
-                .enumerate()
-                .map(|(i, (rows, bits))| {
-                    let mut m = matrix(rows, 256, bits, 64, 7 + i as u64);
-                    if lanes_apply(&m) {
-                        m = stored_in_lanes(&m);
-                    }
-                    m.activations = act;
-                    m
-                })
-                .collect();
-            let isas: Vec<Isa> = if ms.iter().any(|m| m.lanes) {
-                vec![Isa::detect()]
-            } else {
-                Isa::available()
-            };
-            for isa in isas {
-                let calls: Vec<(Weight, Input)> = ms
-                    .iter()
-                    .flat_map(|m| picks.iter().map(move |p| (m, p)))
-                    .map(|(m, p)| {
-                        let input = Input {
-                            x: &x,
-                            pick: Some(p),
-                        };
-                        (Weight::Affine(m), input)
+        // Groups of 64 and of 128 (columns not a multiple of 256).
+        for (cols, group) in [(256, 64), (384, 128)] {
+            let x = activations(20 * cols);
+            for act in [Activations::F32, Activations::Int8] {
+                // 4-bit rows (stored in lanes where this CPU reads them so: the kernel picks the rows from
+                // one preparation of `x`), and 3-bit ones (their picked rows copied out and prepared).
+                let ms: Vec<AffineMatrix> = [(40, 4), (48, 4), (36, 3)]
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (rows, bits))| {
+                        let mut m = matrix(rows, cols, bits, group, 7 + i as u64);
+                        if lanes_apply(&m) {
+                            m = stored_in_lanes(&m);
+                        }
+                        m.activations = act;
+                        m
                     })
                     .collect();
-                let got = matmul_new(isa, &calls);
-                for ((w, input), y) in calls.iter().zip(&got) {
-                    let rows = input.gather(256);
-                    let want = matmul_new(isa, &[(*w, Input::all(&rows))]).remove(0);
-                    assert_eq!(y, &want, "{isa:?}, {act:?}, pick {:?}", input.pick);
+                let isas: Vec<Isa> = if ms.iter().any(|m| m.lanes) {
+                    vec![Isa::detect()]
+                } else {
+                    Isa::available()
+                };
+                for isa in isas {
+                    let calls: Vec<(Weight, Input)> = ms
+                        .iter()
+                        .flat_map(|m| picks.iter().map(move |p| (m, p)))
+                        .map(|(m, p)| {
+                            let input = Input {
+                                x: &x,
+                                pick: Some(p),
+                            };
+                            (Weight::Affine(m), input)
+                        })
+                        .collect();
+                    let got = matmul_new(isa, &calls);
+                    for ((w, input), y) in calls.iter().zip(&got) {
+                        let rows = input.gather(cols);
+                        let want = matmul_new(isa, &[(*w, Input::all(&rows))]).remove(0);
+                        let case =
+                            format!("{isa:?}, {act:?}, {cols}/{group}, pick {:?}", input.pick);
+                        assert_eq!(y, &want, "{case}");
+                    }
                 }
             }
         }
