@@ -59,15 +59,15 @@ impl Dots for Avx512 {
     }
     #[inline(always)]
     fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
-        unsafe { dot_bf16_xn_avx512(row, [x])[0] }
+        unsafe { dot_bf16_rows_xn_avx512([row], [x])[0][0] }
     }
     #[inline(always)]
     fn dot_bf16_xn<const N: usize>(row: &[u8], x: [&[f32]; N]) -> [f32; N] {
-        unsafe { dot_bf16_xn_avx512(row, x) }
+        unsafe { dot_bf16_rows_xn_avx512([row], x)[0] }
     }
     #[inline(always)]
     fn dot_bf16_rows4_xn<const N: usize>(rows: [&[u8]; 4], x: [&[f32]; N]) -> [[f32; N]; 4] {
-        unsafe { dot_bf16_rows4_xn_avx512(rows, x) }
+        unsafe { dot_bf16_rows_xn_avx512(rows, x) }
     }
     #[inline(always)]
     fn widen(packed: &[u8], bits: u32, group: usize, int8: bool, out: &mut [u8]) -> usize {
@@ -2499,25 +2499,26 @@ unsafe fn dot_bf16_xn_avx2<const N: usize>(row: &[u8], x: [&[f32]; N]) -> [f32; 
     sums
 }
 
-/// [`dot_bf16_xn_avx512`] for four rows of the same length: each 16 activations of a token are loaded once for
-/// the four rows, and every (row, token) sum is added in the same order as there.
+/// [`dot_bf16_xn_avx2`] with 512-bit registers for `R` rows of the same length, prefetching ahead in each:
+/// each 16 activations of a token are loaded once for the `R` rows, and every (row, token) sum is added in
+/// the same order whatever `R` is.
 ///
 /// # Safety
-/// Needs AVX-512F; each row holds `x[t].len()` bf16 values.
+/// Needs AVX-512F; `rows[r].len() == 2 · x[t].len()` for every row and token.
 #[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_bf16_rows4_xn_avx512<const N: usize>(
-    rows: [&[u8]; 4],
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot_bf16_rows_xn_avx512<const R: usize, const N: usize>(
+    rows: [&[u8]; R],
     x: [&[f32]; N],
-) -> [[f32; N]; 4] {
+) -> [[f32; N]; R] {
     let cols = rows[0].len() / 2;
     debug_assert!(rows.iter().all(|r| r.len() == 2 * cols));
     let n = cols / 16 * 16;
-    let mut acc = [[_mm512_setzero_ps(); N]; 4];
+    let mut acc = [[_mm512_setzero_ps(); N]; R];
     let mut i = 0;
     while i < n {
-        // Four loops written out, not `array::map`: a closure would not inherit `target_feature`.
-        let mut w = [_mm512_setzero_ps(); 4];
+        // Loops written out, not `array::map`: a closure would not inherit `target_feature`.
+        let mut w = [_mm512_setzero_ps(); R];
         for (r, row) in rows.iter().enumerate() {
             unsafe {
                 _mm_prefetch::<_MM_HINT_T0>(
@@ -2532,50 +2533,18 @@ unsafe fn dot_bf16_rows4_xn_avx512<const N: usize>(
         for t in 0..N {
             // SAFETY: `i + 16 <= n <= x[t].len()`.
             let xv = unsafe { _mm512_loadu_ps(x[t].as_ptr().add(i)) };
-            for r in 0..4 {
+            for r in 0..R {
                 acc[r][t] = _mm512_fmadd_ps(w[r], xv, acc[r][t]);
             }
         }
         i += 16;
     }
-    let mut sums = [[0f32; N]; 4];
-    for r in 0..4 {
+    let mut sums = [[0f32; N]; R];
+    for r in 0..R {
         for t in 0..N {
             sums[r][t] = _mm512_reduce_add_ps(acc[r][t])
                 + super::scalar::dot_bf16(&rows[r][2 * n..], &x[t][n..]);
         }
-    }
-    sums
-}
-
-/// [`dot_bf16_xn_avx2`] with 512-bit registers, prefetching ahead in the row.
-///
-/// # Safety
-/// Needs AVX-512F; `row.len() == 2 · x[t].len()` for every token.
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn dot_bf16_xn_avx512<const N: usize>(row: &[u8], x: [&[f32]; N]) -> [f32; N] {
-    let cols = row.len() / 2;
-    let n = cols / 16 * 16;
-    let mut acc = [_mm512_setzero_ps(); N];
-    let mut i = 0;
-    while i < n {
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(2 * i + PREFETCH) as *const i8);
-            let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                row.as_ptr().add(2 * i) as *const __m256i
-            ));
-            let w = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-            for t in 0..N {
-                acc[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x[t].as_ptr().add(i)), acc[t]);
-            }
-        }
-        i += 16;
-    }
-    // A loop, not `array::from_fn`: a closure would not inherit `target_feature`.
-    let mut sums = [0f32; N];
-    for t in 0..N {
-        sums[t] = _mm512_reduce_add_ps(acc[t]) + super::scalar::dot_bf16(&row[2 * n..], &x[t][n..]);
     }
     sums
 }
