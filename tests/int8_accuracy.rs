@@ -64,6 +64,15 @@ fn mlx_bits_and_groups_per_module() {
     );
 }
 
+#[test]
+fn mla_dimensions_without_a_dense_layer() {
+    check(
+        fixture("variant-mla-dims/model"),
+        "variant-mla-dims/logits-reference.json",
+        "mlx_mixed",
+    );
+}
+
 // Not checked here: the `variant-qproj-groups` fixture (f32 path: `oracle_logits.rs`). Its random router
 // keeps 2 of 4 expert groups, and on the reference prompt two group scores come within 1.6e-4 of each other,
 // below the int8 path's error on the hidden state. Which group wins then depends on rounding order alone:

@@ -56,6 +56,18 @@ fn mlx_bits_and_groups_per_module() {
     );
 }
 
+/// DeepSeek-V3's attention dimensions (`kv_lora_rank` 512, `qk_nope_head_dim` 128, `qk_rope_head_dim` 64,
+/// `v_head_dim` 128) at a hidden size of 192, every layer MoE (`first_k_dense_replace` 0), two shared experts,
+/// no rope scaling; 2-, 3-, 5- and 6-bit modules (the fixture's `logits-reference.json` names them).
+#[test]
+fn mla_dimensions_without_a_dense_layer() {
+    check(
+        fixture("variant-mla-dims/model"),
+        "variant-mla-dims/logits-reference.json",
+        "mlx_mixed",
+    );
+}
+
 #[test]
 fn story_bf16_mlx_layout() {
     check(
