@@ -751,6 +751,13 @@ trait Dots {
         widen_into(packed, bits, out)
     }
 
+    /// Whether [`Dots::dot4_i8_rows4`] reads `bits`-bit rows (2/3) packed, as the matrix stores them, instead
+    /// of rows [`Dots::widen`] copied out.
+    #[inline(always)]
+    fn reads_packed(_bits: u32, _group: usize, _int8: bool) -> bool {
+        false
+    }
+
     /// [`Dots::dot4_i8`] for `N` tokens at once (the row is unpacked once for all of them), plus each
     /// token's bias term `Σ_g bias_g · Σx_g`.
     #[inline(always)]
@@ -1241,24 +1248,26 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     // One token (decode) on 4-bit (or widened) rows, not in unit order: four rows per pass share the
     // activations and the loop overhead.
     if px.tokens == 1 && nibbles && !px.units {
+        // The matrix's own rows, or (2/3-bit rows the kernel cannot read packed) copies widened per pass.
+        let own = m.bits == 4 || K::reads_packed(m.bits, m.group, int8);
         while r + 4 <= r1 {
             m.rows_scales(r..r + 4, &mut scales, &mut biases);
             let mut wb = 0;
-            if m.bits != 4 {
+            if !own {
                 for (i, dst) in codes.chunks_exact_mut(m.cols).enumerate() {
                     let row = &all[(r + i) * rb..(r + i + 1) * rb];
                     wb = K::widen(row, m.bits, m.group, int8, dst);
                 }
             }
-            let rows: [&[u8]; 4] = std::array::from_fn(|i| match m.bits {
-                4 => &all[(r + i) * rb..(r + i + 1) * rb],
-                _ => &codes[i * m.cols..i * m.cols + wb],
+            let rows: [&[u8]; 4] = std::array::from_fn(|i| match own {
+                true => &all[(r + i) * rb..(r + i + 1) * rb],
+                false => &codes[i * m.cols..i * m.cols + wb],
             });
             let sc: [&[f32]; 4] = std::array::from_fn(|i| &scales[i * gpr..(i + 1) * gpr]);
             let dots = if px.xq.is_empty() {
-                K::dot4_f32_rows4(rows, px.xf_of(0), sc, g, m.bits == 4)
+                K::dot4_f32_rows4(rows, px.xf_of(0), sc, g, own)
             } else {
-                K::dot4_i8_rows4(rows, px.xq_of(0), sc, px.dx_of(0), g, m.bits == 4)
+                K::dot4_i8_rows4(rows, px.xq_of(0), sc, px.dx_of(0), g, own)
             };
             for (i, d) in dots.into_iter().enumerate() {
                 let b = &biases[i * gpr..(i + 1) * gpr];

@@ -70,6 +70,12 @@ impl Dots for Avx512 {
         unsafe { dot_bf16_rows_xn_avx512(rows, x) }
     }
     #[inline(always)]
+    fn reads_packed(bits: u32, group: usize, int8: bool) -> bool {
+        // `dot4_i8_rows4_packed`: the rows `widen` would copy a byte per code in chunk order, widened in
+        // registers instead.
+        bits <= 3 && int8 && group >= 64 && has_vbmi()
+    }
+    #[inline(always)]
     fn widen(packed: &[u8], bits: u32, group: usize, int8: bool, out: &mut [u8]) -> usize {
         if has_vbmi() {
             // The int8 kernels for groups of 64 and 128 read 2/3-bit rows as bytes in chunk order.
@@ -589,6 +595,10 @@ pub unsafe fn widen_vbmi(bytes: &[u8], bits: u32, perm: bool, out: &mut [u8]) ->
     let load: __mmask64 = (1u64 << in_step) - 1;
     for s in 0..steps {
         unsafe {
+            // The packed rows come from memory, a row after another: fetched ahead, as the 4-bit kernels do.
+            _mm_prefetch::<_MM_HINT_T0>(
+                bytes.as_ptr().wrapping_add(s * in_step + PREFETCH) as *const i8
+            );
             let src = _mm512_maskz_loadu_epi8(load, bytes.as_ptr().add(s * in_step) as *const i8);
             let codes = _mm512_and_si512(
                 _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(idx, src)),
@@ -2329,11 +2339,16 @@ unsafe fn dot4_i8_rows4_any<const EXACT: bool>(
     stream: bool,
 ) -> [f32; 4] {
     unsafe {
-        match (group, is_wide(rows[0], scales[0], group)) {
-            (64, true) => dot4_i8_rows4_zmm::<1, true, EXACT>(rows, xq, scales, dx, stream),
-            (64, false) => dot4_i8_rows4_zmm::<1, false, EXACT>(rows, xq, scales, dx, stream),
-            (_, true) => dot4_i8_rows4_zmm::<2, true, EXACT>(rows, xq, scales, dx, stream),
-            (_, false) => dot4_i8_rows4_zmm::<2, false, EXACT>(rows, xq, scales, dx, stream),
+        // Bits per code as the rows hold them: a byte (widened copies), 4, or packed 2/3 ([`Dots::reads_packed`]).
+        match (group, rows[0].len() * 8 / (scales[0].len() * group).max(1)) {
+            (64, 8) => dot4_i8_rows4_zmm::<1, true, EXACT>(rows, xq, scales, dx, stream),
+            (64, 3) => dot4_i8_rows4_packed::<1, 3, EXACT>(rows, xq, scales, dx),
+            (64, 2) => dot4_i8_rows4_packed::<1, 2, EXACT>(rows, xq, scales, dx),
+            (64, _) => dot4_i8_rows4_zmm::<1, false, EXACT>(rows, xq, scales, dx, stream),
+            (_, 8) => dot4_i8_rows4_zmm::<2, true, EXACT>(rows, xq, scales, dx, stream),
+            (_, 3) => dot4_i8_rows4_packed::<2, 3, EXACT>(rows, xq, scales, dx),
+            (_, 2) => dot4_i8_rows4_packed::<2, 2, EXACT>(rows, xq, scales, dx),
+            (_, _) => dot4_i8_rows4_zmm::<2, false, EXACT>(rows, xq, scales, dx, stream),
         }
     }
 }
@@ -2348,52 +2363,103 @@ unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize, const WIDE: bool, const EXACT: 
     dx: &[f32],
     stream: bool,
 ) -> [f32; 4] {
-    let mut acc = [_mm512_setzero_ps(); 4];
     let p = rows.map(|r| r.as_ptr());
-    let (q, r, s) = (xq.q.as_ptr(), xq.r.as_ptr(), xq.s.as_ptr());
-    let group = 64 * CHUNKS;
-    for g in 0..dx.len().min(scales[0].len()) {
-        let mut c = [[_mm512_setzero_si512(); 4]; CHUNKS];
-        let mut i = [_mm512_setzero_si512(); 4];
-        // `RESIDUAL·Σq + Σr` per row in one register: the coarse sums, shifted, then the residual ones.
-        for (k, ck) in c.iter_mut().enumerate() {
-            let j = g * group + 64 * k;
-            let vq = unsafe { _mm512_loadu_si512(q.add(j) as *const _) };
-            for row in 0..4 {
-                unsafe {
-                    if j.is_multiple_of(128) {
-                        if stream {
-                            prefetch_pass(p[0], j / 128 * 4 + row);
-                        }
-                        _mm_prefetch::<_MM_HINT_T0>(
-                            p[row].wrapping_add(j / 2 + PREFETCH) as *const i8
-                        );
-                    }
-                    ck[row] = chunk64::<WIDE>(p[row], j);
-                }
-                i[row] = _mm512_dpbusd_epi32(i[row], ck[row], vq);
+    let chunk = |row: usize, j: usize| unsafe {
+        if j.is_multiple_of(128) {
+            if stream {
+                prefetch_pass(p[0], j / 128 * 4 + row);
             }
+            _mm_prefetch::<_MM_HINT_T0>(p[row].wrapping_add(j / 2 + PREFETCH) as *const i8);
         }
-        // Then the finer slices, each after a shift by the ratio of the steps.
-        let slices: &[*const i8] = if EXACT { &[r, s] } else { &[r] };
-        for &x in slices {
-            for v in &mut i {
-                *v = slices_shift::<EXACT>(*v);
-            }
-            for (k, ck) in c.iter().enumerate() {
-                let vx = unsafe { _mm512_loadu_si512(x.add(g * group + 64 * k) as *const _) };
+        chunk64::<WIDE>(p[row], j)
+    };
+    unsafe { rows4_i8::<CHUNKS, EXACT>(xq, scales, dx, chunk) }
+}
+
+/// [`dot4_i8_rows4_zmm`] on four packed `BITS`-bit rows (2 or 3) of a matrix, one after another: each
+/// 64-code chunk is widened in registers as [`widen_vbmi`] would (`perm`), not through a copy, so the rows'
+/// bytes stream from memory while the chunks before them are multiplied.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma")]
+unsafe fn dot4_i8_rows4_packed<const CHUNKS: usize, const BITS: usize, const EXACT: bool>(
+    rows: [&[u8]; 4],
+    xq: Q8,
+    scales: [&[f32]; 4],
+    dx: &[f32],
+) -> [f32; 4] {
+    let p = rows.map(|r| r.as_ptr());
+    let (idx, ctl) = vbmi_tables(BITS as u32, true);
+    let (idx, ctl) = unsafe {
+        (
+            _mm512_loadu_si512(idx.as_ptr() as *const _),
+            _mm512_loadu_si512(ctl.as_ptr() as *const _),
+        )
+    };
+    let mask = _mm512_set1_epi8(((1u32 << BITS) - 1) as i8);
+    let chunk = |row: usize, j: usize| unsafe {
+        // Bytes `j·BITS/8..` of the row: per 128 codes, the four rows read 4·BITS/4 lines of the pass.
+        let at = j * BITS / 8;
+        if j.is_multiple_of(128) {
+            prefetch_pass(p[0], (j / 128 * 4 + row) * BITS / 4);
+            _mm_prefetch::<_MM_HINT_T0>(p[row].wrapping_add(at + PREFETCH) as *const i8);
+        }
+        // SAFETY: the chunk's `8·BITS` bytes are in the row (whole groups of 64 codes); the mask reads no more.
+        let src = _mm512_maskz_loadu_epi8((1u64 << (8 * BITS)) - 1, p[row].add(at) as *const i8);
+        _mm512_and_si512(
+            _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(idx, src)),
+            mask,
+        )
+    };
+    unsafe { rows4_i8::<CHUNKS, EXACT>(xq, scales, dx, chunk) }
+}
+
+/// The loop of the four-row one-token int8 kernels: `chunk(row, j)` gives row `row`'s 64 codes from code `j`
+/// in [`nibbles_64`]'s order, a byte each.
+#[inline(always)]
+unsafe fn rows4_i8<const CHUNKS: usize, const EXACT: bool>(
+    xq: Q8,
+    scales: [&[f32]; 4],
+    dx: &[f32],
+    chunk: impl Fn(usize, usize) -> __m512i,
+) -> [f32; 4] {
+    // SAFETY: as the callers' (AVX-512 with VNNI; `chunk` and the activations cover every group's codes).
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let (q, r, s) = (xq.q.as_ptr(), xq.r.as_ptr(), xq.s.as_ptr());
+        let group = 64 * CHUNKS;
+        for g in 0..dx.len().min(scales[0].len()) {
+            let mut c = [[_mm512_setzero_si512(); 4]; CHUNKS];
+            let mut i = [_mm512_setzero_si512(); 4];
+            // `RESIDUAL·Σq + Σr` per row in one register: the coarse sums, shifted, then the residual ones.
+            for (k, ck) in c.iter_mut().enumerate() {
+                let j = g * group + 64 * k;
+                let vq = _mm512_loadu_si512(q.add(j) as *const _);
                 for row in 0..4 {
-                    i[row] = _mm512_dpbusd_epi32(i[row], ck[row], vx);
+                    ck[row] = chunk(row, j);
+                    i[row] = _mm512_dpbusd_epi32(i[row], ck[row], vq);
                 }
             }
+            // Then the finer slices, each after a shift by the ratio of the steps.
+            let slices: &[*const i8] = if EXACT { &[r, s] } else { &[r] };
+            for &x in slices {
+                for v in &mut i {
+                    *v = slices_shift::<EXACT>(*v);
+                }
+                for (k, ck) in c.iter().enumerate() {
+                    let vx = _mm512_loadu_si512(x.add(g * group + 64 * k) as *const _);
+                    for row in 0..4 {
+                        i[row] = _mm512_dpbusd_epi32(i[row], ck[row], vx);
+                    }
+                }
+            }
+            let d = *dx.get_unchecked(g);
+            for row in 0..4 {
+                let sd = _mm512_set1_ps(*scales[row].get_unchecked(g) * d);
+                acc[row] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[row]), sd, acc[row]);
+            }
         }
-        let d = unsafe { *dx.get_unchecked(g) };
-        for row in 0..4 {
-            let sd = _mm512_set1_ps(unsafe { *scales[row].get_unchecked(g) } * d);
-            acc[row] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[row]), sd, acc[row]);
-        }
+        hsums512(acc)
     }
-    hsums512(acc)
 }
 
 /// An accumulator of the coarser slices' sums shifted to the next slice's steps: by [`super::RESIDUAL`]
