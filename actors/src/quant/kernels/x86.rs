@@ -583,27 +583,15 @@ pub unsafe fn widen_vbmi(bytes: &[u8], bits: u32, perm: bool, out: &mut [u8]) ->
     );
     debug_assert!(!perm || (b <= 3 && codes.is_multiple_of(64)));
     let steps = codes / 64;
-    let (idx, ctl) = vbmi_tables(bits, perm);
-    let (idx, ctl) = unsafe {
-        (
-            _mm512_loadu_si512(idx.as_ptr() as *const _),
-            _mm512_loadu_si512(ctl.as_ptr() as *const _),
-        )
-    };
-    let mask = _mm512_set1_epi8(((1u32 << bits) - 1) as i8);
+    let w = Widener::new(bits, perm);
     let pair = _mm512_set1_epi16(0x1001);
-    let load: __mmask64 = (1u64 << in_step) - 1;
     for s in 0..steps {
         unsafe {
             // The packed rows come from memory, a row after another: fetched ahead, as the 4-bit kernels do.
             _mm_prefetch::<_MM_HINT_T0>(
                 bytes.as_ptr().wrapping_add(s * in_step + PREFETCH) as *const i8
             );
-            let src = _mm512_maskz_loadu_epi8(load, bytes.as_ptr().add(s * in_step) as *const i8);
-            let codes = _mm512_and_si512(
-                _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(idx, src)),
-                mask,
-            );
+            let codes = w.codes64(bytes.as_ptr().add(s * in_step));
             let dst = out.as_mut_ptr().add(s * out_step);
             if out_step == 32 {
                 let nibbles = _mm512_cvtepi16_epi8(_mm512_maddubs_epi16(codes, pair));
@@ -619,6 +607,49 @@ pub unsafe fn widen_vbmi(bytes: &[u8], bits: u32, perm: bool, out: &mut [u8]) ->
         &mut out[steps * out_step..len],
     );
     len
+}
+
+/// The registers that widen 64 packed codes to a byte each ([`vbmi_tables`]), for [`widen_vbmi`] and the
+/// kernels that widen rows in registers.
+#[derive(Clone, Copy)]
+struct Widener {
+    idx: __m512i,
+    ctl: __m512i,
+    mask: __m512i,
+    /// The step's `8 · bits` bytes.
+    load: __mmask64,
+}
+
+impl Widener {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn new(bits: u32, perm: bool) -> Widener {
+        let (idx, ctl) = vbmi_tables(bits, perm);
+        // SAFETY: two 64-byte tables.
+        unsafe {
+            Widener {
+                idx: _mm512_loadu_si512(idx.as_ptr() as *const _),
+                ctl: _mm512_loadu_si512(ctl.as_ptr() as *const _),
+                mask: _mm512_set1_epi8(((1u32 << bits) - 1) as i8),
+                load: (1u64 << (8 * bits)) - 1,
+            }
+        }
+    }
+
+    /// The 64 codes whose `8 · bits` bytes start at `p`, a byte each.
+    ///
+    /// # Safety
+    /// Needs AVX-512 F/BW/VBMI; `p` points at `8 · bits` readable bytes.
+    #[inline(always)]
+    unsafe fn codes64(&self, p: *const u8) -> __m512i {
+        unsafe {
+            let src = _mm512_maskz_loadu_epi8(self.load, p as *const i8);
+            _mm512_and_si512(
+                _mm512_multishift_epi64_epi8(self.ctl, _mm512_permutexvar_epi8(self.idx, src)),
+                self.mask,
+            )
+        }
+    }
 }
 
 /// `vpermb` indices and `vpmultishiftqb` bit offsets that put the codes of a 64-code step a byte each: in
@@ -922,7 +953,14 @@ unsafe fn chunk64<const WIDE: bool>(p: *const u8, j: usize) -> __m512i {
 /// Whether a row handed to the 4-bit int8 kernels holds a byte per code (a widened 2/3-bit row).
 #[inline(always)]
 fn is_wide(row: &[u8], scales: &[f32], group: usize) -> bool {
-    row.len() == scales.len() * group
+    code_bits(row, scales, group) == 8
+}
+
+/// Bits per code as a row handed to the 4-bit int8 kernels holds them: 8 (widened copies), 4, or 2/3 (rows
+/// read packed, [`Dots::reads_packed`]).
+#[inline(always)]
+fn code_bits(row: &[u8], scales: &[f32], group: usize) -> usize {
+    row.len() * 8 / (scales.len() * group).max(1)
 }
 
 /// Runs `one(g, chain)` over `groups` groups on two accumulator chains (even groups on the first, odd ones on
@@ -2339,8 +2377,7 @@ unsafe fn dot4_i8_rows4_any<const EXACT: bool>(
     stream: bool,
 ) -> [f32; 4] {
     unsafe {
-        // Bits per code as the rows hold them: a byte (widened copies), 4, or packed 2/3 ([`Dots::reads_packed`]).
-        match (group, rows[0].len() * 8 / (scales[0].len() * group).max(1)) {
+        match (group, code_bits(rows[0], scales[0], group)) {
             (64, 8) => dot4_i8_rows4_zmm::<1, true, EXACT>(rows, xq, scales, dx, stream),
             (64, 3) => dot4_i8_rows4_packed::<1, 3, EXACT>(rows, xq, scales, dx),
             (64, 2) => dot4_i8_rows4_packed::<1, 2, EXACT>(rows, xq, scales, dx),
@@ -2388,14 +2425,11 @@ unsafe fn dot4_i8_rows4_packed<const CHUNKS: usize, const BITS: usize, const EXA
     dx: &[f32],
 ) -> [f32; 4] {
     let p = rows.map(|r| r.as_ptr());
-    let (idx, ctl) = vbmi_tables(BITS as u32, true);
-    let (idx, ctl) = unsafe {
-        (
-            _mm512_loadu_si512(idx.as_ptr() as *const _),
-            _mm512_loadu_si512(ctl.as_ptr() as *const _),
-        )
-    };
-    let mask = _mm512_set1_epi8(((1u32 << BITS) - 1) as i8);
+    debug_assert!(
+        has_vbmi(),
+        "packed rows reach this kernel only through `Dots::reads_packed`"
+    );
+    let w = Widener::new(BITS as u32, true);
     let chunk = |row: usize, j: usize| unsafe {
         // Bytes `j·BITS/8..` of the row: per 128 codes, the four rows read 4·BITS/4 lines of the pass.
         let at = j * BITS / 8;
@@ -2403,12 +2437,8 @@ unsafe fn dot4_i8_rows4_packed<const CHUNKS: usize, const BITS: usize, const EXA
             prefetch_pass(p[0], (j / 128 * 4 + row) * BITS / 4);
             _mm_prefetch::<_MM_HINT_T0>(p[row].wrapping_add(at + PREFETCH) as *const i8);
         }
-        // SAFETY: the chunk's `8·BITS` bytes are in the row (whole groups of 64 codes); the mask reads no more.
-        let src = _mm512_maskz_loadu_epi8((1u64 << (8 * BITS)) - 1, p[row].add(at) as *const i8);
-        _mm512_and_si512(
-            _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(idx, src)),
-            mask,
-        )
+        // SAFETY: the chunk's `8·BITS` bytes are in the row (whole groups of 64 codes).
+        w.codes64(p[row].add(at))
     };
     unsafe { rows4_i8::<CHUNKS, EXACT>(xq, scales, dx, chunk) }
 }
