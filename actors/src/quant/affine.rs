@@ -45,7 +45,7 @@ pub struct AffineMatrix {
     pub scale_type: ScaleType,
     /// f32 (exact) or int8 (fast) activations.
     pub activations: Activations,
-    /// 4-bit rows stored at load sixteen to a block in the order of the rows-in-lanes kernel, with their
+    /// 2-, 3- or 4-bit rows stored at load sixteen to a block in the order of the rows-in-lanes kernel, with their
     /// scales and biases per block and group (`kernels::lanes_codes`, `kernels::lanes_scales`): the AVX-512 +
     /// VNNI rows-in-lanes kernel multiplies such a matrix, with int8 activations or f32 ones as three int8
     /// slices (no other kernel does); the dequantizing readers read it back.
@@ -160,10 +160,8 @@ impl AffineMatrix {
             let n = r1 - r0;
             let codes = &mut codes[..n * self.cols];
             if self.lanes {
-                let mut row = vec![0u8; rb];
                 for (r, codes) in (r0..r1).zip(codes.chunks_exact_mut(self.cols)) {
-                    kernels::row_from_lanes(self, r, &mut row);
-                    unpack(&row, self.bits, codes);
+                    kernels::lanes_row_codes(self, r, codes);
                 }
             } else {
                 unpack(&self.packed[r0 * rb..r1 * rb], self.bits, codes);

@@ -275,10 +275,10 @@ impl Weights {
         })
     }
 
-    /// The 4-bit matrices the kernels apply whole — the MLPs' (experts, shared experts, dense layers), the
-    /// attention's projections but `kv_b_proj` (cut per head and dequantized), `lm_head` — stored in the order
-    /// of the kernel with rows in lanes, where this CPU has it ([`kernels::lanes_apply`]); `None` for the
-    /// others. Readers that dequantize or read rows still read such a matrix right, only slower.
+    /// The 2-, 3- and 4-bit matrices the kernels apply whole — the MLPs' (experts, shared experts, dense
+    /// layers), the attention's projections but `kv_b_proj` (cut per head and dequantized), `lm_head` — stored
+    /// in the order of the kernel with rows in lanes, where this CPU has it ([`kernels::lanes_apply`]); `None`
+    /// for the others. Readers that dequantize or read rows still read such a matrix right, only slower.
     ///
     /// The attention's projections and `lm_head` too (bench model, f32, EPYC, ten interleaved rounds, medians):
     /// decode 90.3 → 100.7 tok/s, a 64-token prefill 265.9 → 273.5; per call at 64 tokens, q_a + kv_a

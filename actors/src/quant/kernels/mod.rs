@@ -11,9 +11,10 @@
 //!   in the unpacked chunk order, which those kernels load as it is. **5- and 6-bit** rows are widened to a
 //!   byte per code.
 //!
-//! - **The MLPs' 4-bit rows** on AVX-512 + VNNI (int8 activations; f32 ones as three int8 slices): the rows
-//!   are stored at load in the rows-in-lanes order ([`AffineMatrix::lanes`], [`lanes_codes`]), and every
-//!   token count, one included, takes that kernel with no tile to build.
+//! - **The 4-bit rows the model applies whole** (MLPs, attention projections, `lm_head`) on AVX-512 + VNNI
+//!   (int8 activations; f32 ones as three int8 slices), and **2- and 3-bit** ones with VBMI too: the rows are
+//!   stored at load in the rows-in-lanes order ([`AffineMatrix::lanes`], [`lanes_codes`]; still `bits` bits a
+//!   code), and every token count, one included, takes that kernel with no tile to build.
 //! - **Twelve or more f32 tokens** on AVX-512 where the rows-in-lanes kernel does not take them (with AMX,
 //!   groups of 32, widened rows without VBMI): rows are dequantized once into a per-thread tile
 //!   ([`Dots::f32_tiles`]) instead of being unpacked again for every block of tokens; blocks of four tokens
@@ -751,13 +752,6 @@ trait Dots {
         widen_into(packed, bits, out)
     }
 
-    /// Whether [`Dots::dot4_i8_rows4`] reads `bits`-bit rows (2/3) packed, as the matrix stores them, instead
-    /// of rows [`Dots::widen`] copied out.
-    #[inline(always)]
-    fn reads_packed(_bits: u32, _group: usize, _int8: bool) -> bool {
-        false
-    }
-
     /// [`Dots::dot4_i8`] for `N` tokens at once (the row is unpacked once for all of them), plus each
     /// token's bias term `Σ_g bias_g · Σx_g`.
     #[inline(always)]
@@ -1082,14 +1076,21 @@ const LANE_TOKENS: usize = 16;
 const LANE_TOKENS_WIDENED: usize = 8;
 
 /// Whether the loader stores `m`'s rows in lanes ([`AffineMatrix::lanes`]): 4-bit rows in groups of a multiple
-/// of 64 on a CPU with AVX-512 + VNNI, for int8 activations and for f32 ones (three int8 slices). The
-/// rows-in-lanes kernel then takes all of its tokens, from one (decode) up, with no tile to build per call.
+/// of 64 on a CPU with AVX-512 + VNNI (2- and 3-bit ones with VBMI too), for int8 activations and for f32 ones
+/// (three int8 slices). The rows-in-lanes kernel then takes all of its tokens, from one (decode) up, with no
+/// tile to build per call.
+/// 2- and 3-bit rows had been widened per call (bench shape, `synth --bits B`, EPYC, f32, three interleaved
+/// rounds, medians): 3-bit decode 70.8 → 100.2 tok/s, a 64-token prefill 182.2 → 250.4; int8 86.8 → 127.2
+/// and 260.4 → 365.5; 2-bit 74.9 → 119.6 and 222.4 → 279.7.
 /// With AMX too, whose tiles read the MLX layout: on a Xeon VM with AMX (bench model, f32, interleaved runs
 /// against the AMX tiles for five or more tokens), decode of 300 tokens 77.9–78.2 → 81.6–83.5 tok/s, a
 /// 64-token prefill 258.6–260.9 → 266.2–276.4, a 2048-token one the same (229.2 → 228.5).
 pub fn lanes_apply(m: &AffineMatrix) -> bool {
-    m.bits == 4
-        && m.group.is_multiple_of(64)
+    #[cfg(target_arch = "x86_64")]
+    let bits = m.bits == 4 || (matches!(m.bits, 2 | 3) && x86::has_vbmi());
+    #[cfg(not(target_arch = "x86_64"))]
+    let bits = m.bits == 4;
+    bits && m.group.is_multiple_of(64)
         && m.cols.is_multiple_of(m.group)
         && matches!(Isa::detect(), Isa::Avx512 | Isa::Amx)
 }
@@ -1098,17 +1099,91 @@ pub fn lanes_apply(m: &AffineMatrix) -> bool {
 pub fn lanes_sizes(m: &AffineMatrix) -> (usize, usize) {
     let blocks = m.rows.div_ceil(16);
     (
-        blocks * 8 * m.cols,
+        blocks * 2 * m.bits as usize * m.cols,
         blocks * 16 * m.groups_per_row() * m.scale_type.size(),
     )
 }
 
+/// Where code `i` (0..8) of a row's pair of 4-code words sits in the row's `bits` bytes of the pair, stored in
+/// lanes: 4-bit, word `2p`'s codes in the low nibbles of the four bytes and word `2p + 1`'s in the high ones (one
+/// AND and one shift apart); 2- and 3-bit, the eight codes one after another from bit 0.
+fn lane_shift(bits: u32, i: usize) -> u32 {
+    if bits == 4 {
+        (8 * (i % 4) + 4 * (i / 4)) as u32
+    } else {
+        bits * i as u32
+    }
+}
+
+/// The column of code `j` of a row in nibble order (the order the int8 activations are prepared in): per 64
+/// codes, the 32 even columns, then the 32 odd ones.
+fn nibble_column(j: usize) -> usize {
+    let (c, o) = (j / 64, j % 64);
+    64 * c + if o < 32 { 2 * o } else { 2 * (o - 32) + 1 }
+}
+
 /// `m`'s codes in the order of [`AffineMatrix::lanes`] into `dst` ([`lanes_sizes`]): rows in blocks of sixteen
-/// (the last padded with zero rows); per block and pair of 4-code words (eight codes in the nibble
-/// order the int8 activations are prepared in), 64 bytes, row `k`'s two words in the low and high nibbles of
-/// bytes `4k..4k + 4`.
+/// (the last padded with zero rows); per block and pair of 4-code words in nibble order ([`nibble_column`]),
+/// `16 · bits` bytes, row `k`'s eight codes in bytes `bits·k..bits·(k + 1)` ([`lane_shift`]).
 pub fn lanes_codes(m: &AffineMatrix, dst: &mut [u8]) {
-    debug_assert!(m.bits == 4 && m.cols.is_multiple_of(64) && dst.len() == lanes_sizes(m).0);
+    debug_assert!(matches!(m.bits, 2..=4) && m.cols.is_multiple_of(64));
+    debug_assert_eq!(dst.len(), lanes_sizes(m).0);
+    match m.bits {
+        2 => lanes_codes_of::<2>(m, dst),
+        3 => lanes_codes_of::<3>(m, dst),
+        _ => lanes_codes4(m, dst),
+    }
+}
+
+/// [`lanes_codes`] for 2- and 3-bit rows, from the packed rows: pair `q` of a 64-code chunk ([`nibble_column`])
+/// is the even codes of the chunk's codes `16q..16q + 16` for `q < 4`, else the odd ones of `16(q - 4)..`,
+/// and sixteen codes are `2 · BITS` whole bytes.
+fn lanes_codes_of<const BITS: u32>(m: &AffineMatrix, dst: &mut [u8]) {
+    let (cols, bits, rb) = (m.cols, BITS as usize, m.row_bytes());
+    let (block_bytes, pair_bytes) = (2 * bits * cols, 16 * bits);
+    // The last block, whose padding rows are not written below.
+    let last = dst.len().saturating_sub(block_bytes);
+    dst[last..].fill(0);
+    for (r, row) in m.packed.chunks_exact(rb).enumerate() {
+        let (b, k) = (r / 16, r % 16);
+        let block = &mut dst[b * block_bytes..(b + 1) * block_bytes];
+        for (chunk, pairs) in row
+            .chunks_exact(8 * bits)
+            .zip(block.chunks_exact_mut(8 * pair_bytes))
+        {
+            for (q, pair) in pairs.chunks_exact_mut(pair_bytes).enumerate() {
+                let at = 2 * bits * (q % 4);
+                let mut w = [0u8; 8];
+                w[..2 * bits].copy_from_slice(&chunk[at..at + 2 * bits]);
+                let sixteen = u64::from_le_bytes(w) >> (BITS as usize * (q / 4));
+                let word = even_codes::<BITS>(sixteen);
+                pair[bits * k..bits * (k + 1)].copy_from_slice(&word.to_le_bytes()[..bits]);
+            }
+        }
+    }
+}
+
+/// The eight even codes of the sixteen `B`-bit codes from bit 0 of `x`, one after another from bit 0: pairs
+/// of codes, then of pairs, then of fours, closed up.
+fn even_codes<const B: u32>(x: u64) -> u64 {
+    /// `n` fields of `width` bits, `stride` bits apart.
+    const fn every(width: u32, stride: u32, n: u32) -> u64 {
+        let (mut m, mut i) = (0, 0);
+        while i < n {
+            m |= ((1u64 << width) - 1) << (stride * i);
+            i += 1;
+        }
+        m
+    }
+    let x = x & every(B, 2 * B, 8);
+    let x = (x | x >> B) & every(2 * B, 4 * B, 4);
+    let x = (x | x >> (2 * B)) & every(4 * B, 8 * B, 2);
+    (x | x >> (4 * B)) & every(8 * B, 16 * B, 1)
+}
+
+/// [`lanes_codes`] for 4-bit rows, a 32-bit word of the row at a time (a code at a time, the bench model
+/// loaded in ~2.2 s instead of ~0.65).
+fn lanes_codes4(m: &AffineMatrix, dst: &mut [u8]) {
     let (cols, rb) = (m.cols, m.row_bytes());
     // The last block, whose padding rows are not written below.
     let last = dst.len().saturating_sub(8 * cols);
@@ -1136,33 +1211,28 @@ pub fn lanes_codes(m: &AffineMatrix, dst: &mut [u8]) {
     }
 }
 
-/// Row `r` of `m`, stored in lanes, back in the MLX layout (`m.row_bytes()` bytes): [`lanes_codes`] undone.
-pub fn row_from_lanes(m: &AffineMatrix, r: usize, row: &mut [u8]) {
-    let (cols, k) = (m.cols, r % 16);
-    let block = &m.packed[r / 16 * 8 * cols..(r / 16 + 1) * 8 * cols];
-    let word = |p: usize| {
-        let b = &block[64 * p + 4 * k..];
-        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-    };
-    for (c, dst) in row.chunks_exact_mut(32).enumerate() {
-        for q in 0..4 {
-            // Pair `q` holds the low nibbles of bytes `8q..8q + 8`, pair `q + 4` their high nibbles.
-            let (lo, hi) = (word(8 * c + q), word(8 * c + q + 4));
-            let a = (lo & 0x0f0f_0f0f) | (hi & 0x0f0f_0f0f) << 4;
-            let h = (lo >> 4 & 0x0f0f_0f0f) | (hi & 0xf0f0_f0f0);
-            dst[8 * q..8 * q + 4].copy_from_slice(&a.to_le_bytes());
-            dst[8 * q + 4..8 * q + 8].copy_from_slice(&h.to_le_bytes());
+/// Row `r` of `m`, stored in lanes, as a byte per code in column order ([`lanes_codes`] undone).
+pub fn lanes_row_codes(m: &AffineMatrix, r: usize, codes: &mut [u8]) {
+    let (cols, bits, k) = (m.cols, m.bits as usize, r % 16);
+    let block = &m.packed[r / 16 * 2 * bits * cols..(r / 16 + 1) * 2 * bits * cols];
+    let mask = (1u32 << m.bits) - 1;
+    for (p, pair) in block.chunks_exact(16 * bits).enumerate() {
+        let mut b = [0u8; 4];
+        b[..bits].copy_from_slice(&pair[bits * k..bits * (k + 1)]);
+        let word = u32::from_le_bytes(b);
+        for i in 0..8 {
+            codes[nibble_column(8 * p + i)] = (word >> lane_shift(m.bits, i) & mask) as u8;
         }
     }
 }
 
-/// `m` (4-bit, groups of a multiple of 64) stored in lanes as the loader stores it ([`lanes_codes`],
+/// `m` (2-, 3- or 4-bit, groups of a multiple of 64) stored in lanes as the loader stores it ([`lanes_codes`],
 /// [`lanes_scales`]), in owned buffers (tests, benchmarks). The buffers start as `0xaa`, so a byte the
 /// conversions leave unwritten shows.
 pub fn stored_in_lanes(m: &AffineMatrix) -> AffineMatrix {
     assert!(
-        m.bits == 4 && m.group.is_multiple_of(64) && m.cols.is_multiple_of(m.group),
-        "rows in lanes are 4-bit in groups of a multiple of 64, not {} bits in groups of {}",
+        matches!(m.bits, 2..=4) && m.group.is_multiple_of(64) && m.cols.is_multiple_of(m.group),
+        "rows in lanes are 2-, 3- or 4-bit in groups of a multiple of 64, not {} bits in groups of {}",
         m.bits,
         m.group
     );
@@ -1248,26 +1318,24 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     // One token (decode) on 4-bit (or widened) rows, not in unit order: four rows per pass share the
     // activations and the loop overhead.
     if px.tokens == 1 && nibbles && !px.units {
-        // The matrix's own rows, or (2/3-bit rows the kernel cannot read packed) copies widened per pass.
-        let own = m.bits == 4 || K::reads_packed(m.bits, m.group, int8);
         while r + 4 <= r1 {
             m.rows_scales(r..r + 4, &mut scales, &mut biases);
             let mut wb = 0;
-            if !own {
+            if m.bits != 4 {
                 for (i, dst) in codes.chunks_exact_mut(m.cols).enumerate() {
                     let row = &all[(r + i) * rb..(r + i + 1) * rb];
                     wb = K::widen(row, m.bits, m.group, int8, dst);
                 }
             }
-            let rows: [&[u8]; 4] = std::array::from_fn(|i| match own {
-                true => &all[(r + i) * rb..(r + i + 1) * rb],
-                false => &codes[i * m.cols..i * m.cols + wb],
+            let rows: [&[u8]; 4] = std::array::from_fn(|i| match m.bits {
+                4 => &all[(r + i) * rb..(r + i + 1) * rb],
+                _ => &codes[i * m.cols..i * m.cols + wb],
             });
             let sc: [&[f32]; 4] = std::array::from_fn(|i| &scales[i * gpr..(i + 1) * gpr]);
             let dots = if px.xq.is_empty() {
-                K::dot4_f32_rows4(rows, px.xf_of(0), sc, g, own)
+                K::dot4_f32_rows4(rows, px.xf_of(0), sc, g, m.bits == 4)
             } else {
-                K::dot4_i8_rows4(rows, px.xq_of(0), sc, px.dx_of(0), g, own)
+                K::dot4_i8_rows4(rows, px.xq_of(0), sc, px.dx_of(0), g, m.bits == 4)
             };
             for (i, d) in dots.into_iter().enumerate() {
                 let b = &biases[i * gpr..(i + 1) * gpr];
@@ -1770,11 +1838,22 @@ mod tests {
         }
     }
 
+    /// 2-, 3- and 4-bit rows (2 and 3 where the CPU has VBMI).
+    #[cfg(target_arch = "x86_64")]
+    fn lane_bits() -> Vec<u32> {
+        [2, 3, 4]
+            .into_iter()
+            .filter(|&b| b == 4 || x86::has_vbmi())
+            .collect()
+    }
+
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn int8_rows_stored_in_lanes_agree_with_the_scalar_int8_reference() {
-        // 4-bit rows stored in lanes at load (`lanes_codes`, `lanes_scales`) take every token count, from one up: blocks of
-        // 8 tokens and tails, rows that are and are not whole blocks of sixteen, groups of 64 and 128, every
-        // scale type; 600 × 2048 splits into several tasks, each from a block's first row.
+        // Rows stored in lanes at load (`lanes_codes`, `lanes_scales`) take every token count, from one up:
+        // blocks of 8 tokens and tails, rows that are and are not whole blocks of sixteen, groups of 64 and
+        // 128, every scale type, 2, 3 and 4 bits; 600 × 2048 splits into several tasks, each from a block's
+        // first row.
         if !Isa::available().contains(&Isa::Avx512) {
             return;
         }
@@ -1791,8 +1870,11 @@ mod tests {
             let x = activations(t * cols);
             let groups = [64, 128].into_iter().filter(|g| cols % g == 0);
             let types = [ScaleType::F32, ScaleType::Bf16, ScaleType::F16];
-            for (group, st) in groups.flat_map(|g| types.map(|st| (g, st))) {
-                let m = with_scale_type(&matrix(rows, cols, 4, group, 11), st);
+            let each = groups.flat_map(|g| types.map(|st| (g, st)));
+            for ((group, st), bits) in
+                each.flat_map(|c| lane_bits().into_iter().map(move |b| (c, b)))
+            {
+                let m = with_scale_type(&matrix(rows, cols, bits, group, 11), st);
                 let mut want = vec![0f32; t * rows];
                 affine_matmul_isa(Isa::Scalar, &m, &x, &mut want, Activations::Int8);
                 let stored = stored_in_lanes(&m);
@@ -1800,7 +1882,7 @@ mod tests {
                 // buffers started as garbage, and the padding rows' scales are zero.
                 assert!(
                     stored.dequantize() == m.dequantize(),
-                    "g {group} {st:?} rows {rows}"
+                    "{bits}-bit g {group} {st:?} rows {rows}"
                 );
                 let (gpr, size) = (cols / group, st.size());
                 let last = &stored.scales[stored.scales.len() - 16 * gpr * size..];
@@ -1818,7 +1900,7 @@ mod tests {
                 for (i, (a, b)) in y.iter().zip(&want).enumerate() {
                     assert!(
                         (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                        "g {group} {st:?} rows {rows} cols {cols} t {t}, output {i}: {a} vs {b}"
+                        "{bits}-bit g {group} {st:?} rows {rows} cols {cols} t {t}, output {i}: {a} vs {b}"
                     );
                 }
             }
@@ -1828,7 +1910,7 @@ mod tests {
     /// f32 tokens against rows stored in lanes, as three int8 slices, are as close to f64 sums as the AVX2 f32
     /// kernels on the MLX layout: one token (decode) up to 17 (balanced blocks of at most six: 5 + 6 + 6, and
     /// 4 + 5 for nine), groups of 64 and 128 (whose integer sums are converted every 64 codes: over 128 they
-    /// would overflow), rows that are not whole blocks of sixteen, and a task split of 600 rows.
+    /// would overflow), rows that are not whole blocks of sixteen, a task split of 600 rows, 2, 3 and 4 bits.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn f32_rows_stored_in_lanes_are_as_exact_as_f32_sums() {
@@ -1846,29 +1928,31 @@ mod tests {
             (9, 64, 192, 37, true),
             (17, 128, 384, 20, false),
         ] {
-            let mut x = activations(t * cols);
-            let mut m = with_scale_type(&matrix(rows, cols, 4, group, 13), ScaleType::Bf16);
-            if top {
-                x.iter_mut().for_each(|v| *v = 1.0 - v.abs() / 64.0);
-                m.packed = crate::weights::Buf::owned(vec![0xff; m.packed.len()]);
-            } else {
-                // Values far below their group's largest, and an all-zero group.
-                x[3] = 1e-6;
-                x[group..2 * group].fill(0.0);
+            for bits in lane_bits() {
+                let mut x = activations(t * cols);
+                let mut m = with_scale_type(&matrix(rows, cols, bits, group, 13), ScaleType::Bf16);
+                if top {
+                    x.iter_mut().for_each(|v| *v = 1.0 - v.abs() / 64.0);
+                    m.packed = crate::weights::Buf::owned(vec![0xff; m.packed.len()]);
+                } else {
+                    // Values far below their group's largest, and an all-zero group.
+                    x[3] = 1e-6;
+                    x[group..2 * group].fill(0.0);
+                }
+                let case = format!("{bits}-bit t {t} g {group} {rows}×{cols} top {top}");
+                let want = reference(&m, &x);
+                let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+                let stored = stored_in_lanes(&m);
+                let [base, got] = [(Isa::Avx2, &m), (Isa::Avx512, &stored)].map(|(isa, m)| {
+                    let mut y = vec![0f32; want.len()];
+                    affine_matmul_isa(isa, m, &x, &mut y, Activations::F32);
+                    max_err(&y, &want) / scale
+                });
+                assert!(
+                    got < 1e-6 && got < 4.0 * base.max(1e-7),
+                    "{case}: {got}, AVX2 {base}"
+                );
             }
-            let case = format!("t {t} g {group} {rows}×{cols} top {top}");
-            let want = reference(&m, &x);
-            let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
-            let stored = stored_in_lanes(&m);
-            let [base, got] = [(Isa::Avx2, &m), (Isa::Avx512, &stored)].map(|(isa, m)| {
-                let mut y = vec![0f32; want.len()];
-                affine_matmul_isa(isa, m, &x, &mut y, Activations::F32);
-                max_err(&y, &want) / scale
-            });
-            assert!(
-                got < 1e-6 && got < 4.0 * base.max(1e-7),
-                "{case}: {got}, AVX2 {base}"
-            );
         }
     }
 

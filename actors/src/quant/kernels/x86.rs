@@ -70,12 +70,6 @@ impl Dots for Avx512 {
         unsafe { dot_bf16_rows_xn_avx512(rows, x) }
     }
     #[inline(always)]
-    fn reads_packed(bits: u32, group: usize, int8: bool) -> bool {
-        // `dot4_i8_rows4_packed`: the rows `widen` would copy a byte per code in chunk order, widened in
-        // registers instead.
-        bits <= 3 && int8 && group >= 64 && has_vbmi()
-    }
-    #[inline(always)]
     fn widen(packed: &[u8], bits: u32, group: usize, int8: bool, out: &mut [u8]) -> usize {
         if has_vbmi() {
             // The int8 kernels for groups of 64 and 128 read 2/3-bit rows as bytes in chunk order.
@@ -583,15 +577,27 @@ pub unsafe fn widen_vbmi(bytes: &[u8], bits: u32, perm: bool, out: &mut [u8]) ->
     );
     debug_assert!(!perm || (b <= 3 && codes.is_multiple_of(64)));
     let steps = codes / 64;
-    let w = Widener::new(bits, perm);
+    let (idx, ctl) = vbmi_tables(bits, perm);
+    let (idx, ctl) = unsafe {
+        (
+            _mm512_loadu_si512(idx.as_ptr() as *const _),
+            _mm512_loadu_si512(ctl.as_ptr() as *const _),
+        )
+    };
+    let mask = _mm512_set1_epi8(((1u32 << bits) - 1) as i8);
     let pair = _mm512_set1_epi16(0x1001);
+    let load: __mmask64 = (1u64 << in_step) - 1;
     for s in 0..steps {
         unsafe {
             // The packed rows come from memory, a row after another: fetched ahead, as the 4-bit kernels do.
             _mm_prefetch::<_MM_HINT_T0>(
                 bytes.as_ptr().wrapping_add(s * in_step + PREFETCH) as *const i8
             );
-            let codes = w.codes64(bytes.as_ptr().add(s * in_step));
+            let src = _mm512_maskz_loadu_epi8(load, bytes.as_ptr().add(s * in_step) as *const i8);
+            let codes = _mm512_and_si512(
+                _mm512_multishift_epi64_epi8(ctl, _mm512_permutexvar_epi8(idx, src)),
+                mask,
+            );
             let dst = out.as_mut_ptr().add(s * out_step);
             if out_step == 32 {
                 let nibbles = _mm512_cvtepi16_epi8(_mm512_maddubs_epi16(codes, pair));
@@ -607,49 +613,6 @@ pub unsafe fn widen_vbmi(bytes: &[u8], bits: u32, perm: bool, out: &mut [u8]) ->
         &mut out[steps * out_step..len],
     );
     len
-}
-
-/// The registers that widen 64 packed codes to a byte each ([`vbmi_tables`]), for [`widen_vbmi`] and the
-/// kernels that widen rows in registers.
-#[derive(Clone, Copy)]
-struct Widener {
-    idx: __m512i,
-    ctl: __m512i,
-    mask: __m512i,
-    /// The step's `8 · bits` bytes.
-    load: __mmask64,
-}
-
-impl Widener {
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    fn new(bits: u32, perm: bool) -> Widener {
-        let (idx, ctl) = vbmi_tables(bits, perm);
-        // SAFETY: two 64-byte tables.
-        unsafe {
-            Widener {
-                idx: _mm512_loadu_si512(idx.as_ptr() as *const _),
-                ctl: _mm512_loadu_si512(ctl.as_ptr() as *const _),
-                mask: _mm512_set1_epi8(((1u32 << bits) - 1) as i8),
-                load: (1u64 << (8 * bits)) - 1,
-            }
-        }
-    }
-
-    /// The 64 codes whose `8 · bits` bytes start at `p`, a byte each.
-    ///
-    /// # Safety
-    /// Needs AVX-512 F/BW/VBMI; `p` points at `8 · bits` readable bytes.
-    #[inline(always)]
-    unsafe fn codes64(&self, p: *const u8) -> __m512i {
-        unsafe {
-            let src = _mm512_maskz_loadu_epi8(self.load, p as *const i8);
-            _mm512_and_si512(
-                _mm512_multishift_epi64_epi8(self.ctl, _mm512_permutexvar_epi8(self.idx, src)),
-                self.mask,
-            )
-        }
-    }
 }
 
 /// `vpermb` indices and `vpmultishiftqb` bit offsets that put the codes of a 64-code step a byte each: in
@@ -953,14 +916,7 @@ unsafe fn chunk64<const WIDE: bool>(p: *const u8, j: usize) -> __m512i {
 /// Whether a row handed to the 4-bit int8 kernels holds a byte per code (a widened 2/3-bit row).
 #[inline(always)]
 fn is_wide(row: &[u8], scales: &[f32], group: usize) -> bool {
-    code_bits(row, scales, group) == 8
-}
-
-/// Bits per code as a row handed to the 4-bit int8 kernels holds them: 8 (widened copies), 4, or 2/3 (rows
-/// read packed, [`Dots::reads_packed`]).
-#[inline(always)]
-fn code_bits(row: &[u8], scales: &[f32], group: usize) -> usize {
-    row.len() * 8 / (scales.len() * group).max(1)
+    row.len() == scales.len() * group
 }
 
 /// Runs `one(g, chain)` over `groups` groups on two accumulator chains (even groups on the first, odd ones on
@@ -1713,6 +1669,7 @@ unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops:
             scales: sv.as_ptr() as *const u8,
             biases: bv.as_ptr() as *const u8,
             st: ScaleType::F32,
+            bits: 4,
             stream: false,
             cols,
             group: m.group,
@@ -1728,8 +1685,8 @@ unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops:
 
 /// Tokens (int8, or f32 as three int8 slices) against rows `rows` (from a block's first) of a matrix stored in
 /// lanes ([`super::lanes_codes`]): [`int8_lanes`] without the tile to build, each pair of a block's 4-code
-/// words unpacked in registers from its 64 bytes (one AND, one shift, one AND). `pick`: the call's tokens are
-/// `px`'s tokens `pick` (each below `px.tokens`).
+/// words unpacked in registers from its `16 · bits` bytes ([`PairCodes`]). `pick`: the call's tokens are
+/// `px`'s tokens `pick` (each below `px.tokens`). Panics on 2- or 3-bit rows without VBMI.
 ///
 /// # Safety
 /// Needs AVX-512 F/BW/VL + VNNI; `px` holds every token's slices in nibble order ([`Prepared::xl`]), `rows`
@@ -1743,7 +1700,13 @@ pub(super) unsafe fn lanes_stored(
     rows: std::ops::Range<usize>,
 ) {
     let cols = m.cols;
-    let (block_bytes, block_scales) = (8 * cols, 16 * m.groups_per_row() * m.scale_type.size());
+    assert!(
+        m.bits == 4 || has_vbmi(),
+        "{}-bit rows stored in lanes need AVX-512 VBMI",
+        m.bits
+    );
+    let block_bytes = 2 * m.bits as usize * cols;
+    let block_scales = 16 * m.groups_per_row() * m.scale_type.size();
     let mut r = rows.start;
     while r < rows.end {
         let (b, n) = (r / 16, (rows.end - r).min(16));
@@ -1752,6 +1715,7 @@ pub(super) unsafe fn lanes_stored(
             scales: m.scales[b * block_scales..(b + 1) * block_scales].as_ptr(),
             biases: m.biases[b * block_scales..(b + 1) * block_scales].as_ptr(),
             st: m.scale_type,
+            bits: m.bits,
             stream: true,
             cols,
             group: m.group,
@@ -1767,12 +1731,14 @@ pub(super) unsafe fn lanes_stored(
 /// A block of sixteen rows as [`lanes_pass`] reads it: stored so at load ([`lanes_stored`]) or built per
 /// call ([`int8_lanes`]).
 struct LaneRows {
-    /// `[cols / 8, 64]`: per pair of words, the sixteen rows' two words in nibbles ([`super::lanes_codes`]).
+    /// `[cols / 8, 16 · bits]`: per pair of words, the sixteen rows' eight codes ([`super::lanes_codes`]).
     codes: *const u8,
     /// `[group, 16]` in `st`: the sixteen rows' scales and biases of each group (zero past the last row).
     scales: *const u8,
     biases: *const u8,
     st: ScaleType,
+    /// 2, 3 or 4 (2 and 3 with VBMI only).
+    bits: u32,
     /// The codes stream from memory (prefetched ahead), not from a tile in cache.
     stream: bool,
     cols: usize,
@@ -1794,12 +1760,16 @@ unsafe fn lanes_block(l: &LaneRows, px: &Prepared, pick: Option<&[u32]>, out: &O
     let blocks = tokens.div_ceil(if exact { 6 } else { 8 });
     for k in 0..blocks {
         let (t0, t1) = (tokens * k / blocks, tokens * (k + 1) / blocks);
-        let at = Picked { pick, t0 };
+        let (at, n) = (Picked { pick, t0 }, t1 - t0);
+        // SAFETY: 2- and 3-bit rows reach here through `lanes_stored`, which checks VBMI.
         unsafe {
-            if exact {
-                lanes_tokens::<true>(l, px, out, at, t1 - t0)
-            } else {
-                lanes_tokens::<false>(l, px, out, at, t1 - t0)
+            match (exact, l.bits) {
+                (true, 4) => lanes_tokens::<true>(l, px, out, at, n),
+                (false, 4) => lanes_tokens::<false>(l, px, out, at, n),
+                (true, 3) => lanes_tokens_vbmi::<true, 3>(l, px, out, at, n),
+                (false, 3) => lanes_tokens_vbmi::<false, 3>(l, px, out, at, n),
+                (true, _) => lanes_tokens_vbmi::<true, 2>(l, px, out, at, n),
+                (false, _) => lanes_tokens_vbmi::<false, 2>(l, px, out, at, n),
             }
         }
     }
@@ -1823,7 +1793,7 @@ impl Picked<'_> {
     }
 }
 
-/// [`lanes_pass`] for the `n` tokens of block `at`.
+/// [`lanes_pass`] for the `n` tokens of block `at`, 4-bit rows.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn lanes_tokens<const EXACT: bool>(
@@ -1833,111 +1803,201 @@ unsafe fn lanes_tokens<const EXACT: bool>(
     at: Picked,
     n: usize,
 ) {
+    unsafe { lanes_tokens_of::<EXACT, 4>(l, px, out, at, n) }
+}
+
+/// [`lanes_tokens`] for 2- and 3-bit rows, whose pairs [`PairCodes`] unpacks with VBMI.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma")]
+unsafe fn lanes_tokens_vbmi<const EXACT: bool, const BITS: u32>(
+    l: &LaneRows,
+    px: &Prepared,
+    out: &Out,
+    at: Picked,
+    n: usize,
+) {
+    debug_assert!(has_vbmi());
+    unsafe { lanes_tokens_of::<EXACT, BITS>(l, px, out, at, n) }
+}
+
+#[inline(always)]
+unsafe fn lanes_tokens_of<const EXACT: bool, const BITS: u32>(
+    l: &LaneRows,
+    px: &Prepared,
+    out: &Out,
+    at: Picked,
+    n: usize,
+) {
     unsafe {
         match n {
-            8 => lanes_pass::<8, EXACT, 1>(l, px, out, at),
-            7 => lanes_pass::<7, EXACT, 1>(l, px, out, at),
-            6 => lanes_pass::<6, EXACT, 1>(l, px, out, at),
-            5 => lanes_pass::<5, EXACT, 1>(l, px, out, at),
-            4 => lanes_pass::<4, EXACT, 1>(l, px, out, at),
-            3 => lanes_pass::<3, EXACT, 1>(l, px, out, at),
-            2 => lanes_pass::<2, EXACT, 1>(l, px, out, at),
-            _ => lanes_pass::<1, EXACT, 2>(l, px, out, at),
+            8 => lanes_pass::<8, EXACT, 1, BITS>(l, px, out, at),
+            7 => lanes_pass::<7, EXACT, 1, BITS>(l, px, out, at),
+            6 => lanes_pass::<6, EXACT, 1, BITS>(l, px, out, at),
+            5 => lanes_pass::<5, EXACT, 1, BITS>(l, px, out, at),
+            4 => lanes_pass::<4, EXACT, 1, BITS>(l, px, out, at),
+            3 => lanes_pass::<3, EXACT, 1, BITS>(l, px, out, at),
+            2 => lanes_pass::<2, EXACT, 1, BITS>(l, px, out, at),
+            _ => lanes_pass::<1, EXACT, 2, BITS>(l, px, out, at),
         }
     }
 }
 
-/// The block of rows `l` against the `T` tokens of block `at`: per pair of words one load and one AND, one shift and
-/// one AND for the two words; per word and token one `vpdpbusd` takes the token's four coarse codes as a
+/// How [`lanes_pass`] unpacks a pair of 4-code words of sixteen `BITS`-bit rows stored in lanes (`16 · BITS`
+/// bytes, [`super::lanes_codes`]) into the two words' codes, a byte each, row `k`'s in bytes `4k..4k + 4`:
+/// 4-bit, one load, one AND, one shift and one AND; 2- and 3-bit, a masked load, one `vpermb` that gives each
+/// row its own 32-bit lane, and per word one `vpmultishiftqb` and one AND.
+struct PairCodes<const BITS: u32> {
+    idx: __m512i,
+    ctl: [__m512i; 2],
+    mask: __m512i,
+}
+
+impl<const BITS: u32> PairCodes<BITS> {
+    /// # Safety
+    /// Needs AVX-512 F.
+    #[inline(always)]
+    unsafe fn new() -> Self {
+        const fn tables(bits: usize) -> [[u8; 64]; 3] {
+            let mut t = [[0u8; 64]; 3];
+            let mut o = 0;
+            while o < 64 {
+                // Byte `o` is byte `j` of row `k`'s lane; the row's value starts at bit `32·(k % 2)` of its
+                // 64-bit lane, and its code `i` at bit `bits·i` of the value.
+                let (k, j) = (o / 4, o % 4);
+                t[0][o] = (bits * k + j) as u8;
+                t[1][o] = (32 * (k % 2) + bits * j) as u8;
+                t[2][o] = (32 * (k % 2) + bits * (4 + j)) as u8;
+                o += 1;
+            }
+            t
+        }
+        static TABLES: [[[u8; 64]; 3]; 2] = [tables(2), tables(3)];
+        let t = &TABLES[(BITS as usize).min(3) - 2];
+        let load = |i: usize| unsafe { _mm512_loadu_si512(t[i].as_ptr() as *const _) };
+        PairCodes {
+            idx: load(0),
+            ctl: [load(1), load(2)],
+            mask: unsafe { _mm512_set1_epi8(((1u32 << BITS) - 1) as i8) },
+        }
+    }
+
+    /// The two words of the pair at `p`.
+    ///
+    /// # Safety
+    /// Needs AVX-512 F/BW, and VBMI for 2 and 3 bits; `p` points at `16 · BITS` readable bytes.
+    #[inline(always)]
+    unsafe fn words(&self, p: *const u8) -> [__m512i; 2] {
+        unsafe {
+            if BITS == 4 {
+                let v = _mm512_loadu_si512(p as *const _);
+                [
+                    _mm512_and_si512(v, self.mask),
+                    _mm512_and_si512(_mm512_srli_epi16(v, 4), self.mask),
+                ]
+            } else {
+                let load: __mmask64 = u64::MAX >> (64 - 16 * BITS);
+                let v = _mm512_maskz_loadu_epi8(load, p as *const i8);
+                let v = _mm512_permutexvar_epi8(self.idx, v);
+                [
+                    _mm512_and_si512(_mm512_multishift_epi64_epi8(self.ctl[0], v), self.mask),
+                    _mm512_and_si512(_mm512_multishift_epi64_epi8(self.ctl[1], v), self.mask),
+                ]
+            }
+        }
+    }
+}
+
+/// The block of rows `l` against the `T` tokens of block `at`: per pair of words its two words unpacked
+/// ([`PairCodes`]); per word and token one `vpdpbusd` takes the token's four coarse codes as a
 /// broadcast memory operand, another its residual ones (`EXACT`, f32 activations: a third its finest ones,
 /// [`super::Q8::s`]). The sums are converted once per group and token (`EXACT`: once per 64 codes, below
 /// which a lane of `(128·Σq + Σr)·128 + Σs` stays under 64·15·127·(128² + 128 + 1) < 2³¹), scaled by the
 /// rows' scales and the token's step, and the bias term joins them once per group. `H` sets of sums take the
 /// words in turn: one token's two or three chains of `vpdpbusd` are otherwise bound by its latency.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn lanes_pass<const T: usize, const EXACT: bool, const H: usize>(
+///
+/// # Safety
+/// As [`lanes_stored`]'s, and the callers' target features ([`PairCodes::words`]).
+#[inline(always)]
+unsafe fn lanes_pass<const T: usize, const EXACT: bool, const H: usize, const BITS: u32>(
     l: &LaneRows,
     px: &Prepared,
     out: &Out,
     at: Picked,
 ) {
-    let (pairs, gpr) = (l.group / 8, l.cols / l.group);
-    let slices = if EXACT { 3 } else { 2 };
-    // Token `t`'s coarse codes as 4-code words; its finer slices follow, each `xl_stride / 4` words on.
-    let stride = super::xl_stride(l.cols);
-    let src: [usize; T] = std::array::from_fn(|t| at.source(t));
-    let x: [*const i32; T] =
-        std::array::from_fn(|t| px.xl[slices * src[t] * stride..].as_ptr() as *const i32);
-    let rw = stride / 4;
-    // Each token's steps and sums per group.
-    let dx: [&[f32]; T] = std::array::from_fn(|t| px.dx_of(src[t]));
-    let xsum: [&[f32]; T] = std::array::from_fn(|t| px.xsum_of(src[t]));
-    let span = if EXACT { 8 } else { pairs };
-    let nib = _mm512_set1_epi8(0x0f);
-    let mut acc = [_mm512_setzero_ps(); T];
-    for g in 0..gpr {
-        // SAFETY: group `g` of the block's sixteen rows.
-        let s = unsafe { scales16(l.scales, l.st, 16 * g, 0xffff) };
-        for p0 in (g * pairs..(g + 1) * pairs).step_by(span) {
-            let mut sq = [[_mm512_setzero_si512(); T]; H];
-            let (mut sr, mut ss) = (sq, sq);
-            for p in p0..p0 + span {
-                let at = l.codes.wrapping_add(64 * p);
-                if l.stream {
-                    // The block's bytes ahead into L1, and further on (the next blocks) into L2.
-                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PASS_AHEAD) as *const i8);
-                }
-                // SAFETY: pair `p < cols / 8` of the block.
-                let v = unsafe { _mm512_loadu_si512(at as *const _) };
-                let words = [
-                    _mm512_and_si512(v, nib),
-                    _mm512_and_si512(_mm512_srli_epi16(v, 4), nib),
-                ];
-                for (h, c) in words.iter().enumerate() {
-                    let (w, k) = (2 * p + h, h % H);
-                    for t in 0..T {
-                        // SAFETY: word `w < cols / 4` of each of token `t0 + t`'s slices.
-                        let (q, r) = unsafe { (*x[t].add(w), *x[t].add(rw + w)) };
-                        sq[k][t] = _mm512_dpbusd_epi32(sq[k][t], *c, _mm512_set1_epi32(q));
-                        sr[k][t] = _mm512_dpbusd_epi32(sr[k][t], *c, _mm512_set1_epi32(r));
-                        if EXACT {
-                            let f = unsafe { *x[t].add(2 * rw + w) };
-                            ss[k][t] = _mm512_dpbusd_epi32(ss[k][t], *c, _mm512_set1_epi32(f));
+    // SAFETY: as the callers' (their target features; the block's pairs, scales and tokens in bounds).
+    unsafe {
+        let (pairs, gpr) = (l.group / 8, l.cols / l.group);
+        let slices = if EXACT { 3 } else { 2 };
+        // Token `t`'s coarse codes as 4-code words; its finer slices follow, each `xl_stride / 4` words on.
+        let stride = super::xl_stride(l.cols);
+        let src: [usize; T] = std::array::from_fn(|t| at.source(t));
+        let x: [*const i32; T] =
+            std::array::from_fn(|t| px.xl[slices * src[t] * stride..].as_ptr() as *const i32);
+        let rw = stride / 4;
+        // Each token's steps and sums per group.
+        let dx: [&[f32]; T] = std::array::from_fn(|t| px.dx_of(src[t]));
+        let xsum: [&[f32]; T] = std::array::from_fn(|t| px.xsum_of(src[t]));
+        let span = if EXACT { 8 } else { pairs };
+        let codes = PairCodes::<BITS>::new();
+        let mut acc = [_mm512_setzero_ps(); T];
+        for g in 0..gpr {
+            // Group `g` of the block's sixteen rows.
+            let s = scales16(l.scales, l.st, 16 * g, 0xffff);
+            for p0 in (g * pairs..(g + 1) * pairs).step_by(span) {
+                let mut sq = [[_mm512_setzero_si512(); T]; H];
+                let (mut sr, mut ss) = (sq, sq);
+                for p in p0..p0 + span {
+                    let at = l.codes.wrapping_add(16 * BITS as usize * p);
+                    if l.stream {
+                        // The block's bytes ahead into L1, and further on (the next blocks) into L2.
+                        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PASS_AHEAD) as *const i8);
+                    }
+                    // Pair `p < cols / 8` of the block.
+                    let words = codes.words(at);
+                    for (h, c) in words.iter().enumerate() {
+                        let (w, k) = (2 * p + h, h % H);
+                        for t in 0..T {
+                            // Word `w < cols / 4` of each of token `t0 + t`'s slices.
+                            let (q, r) = (*x[t].add(w), *x[t].add(rw + w));
+                            sq[k][t] = _mm512_dpbusd_epi32(sq[k][t], *c, _mm512_set1_epi32(q));
+                            sr[k][t] = _mm512_dpbusd_epi32(sr[k][t], *c, _mm512_set1_epi32(r));
+                            if EXACT {
+                                let f = *x[t].add(2 * rw + w);
+                                ss[k][t] = _mm512_dpbusd_epi32(ss[k][t], *c, _mm512_set1_epi32(f));
+                            }
                         }
                     }
                 }
-            }
-            // The second set's sums into the first (a loop, not a closure: see `units_pass`).
-            for k in 1..H {
+                // The second set's sums into the first (a loop, not a closure: see `units_pass`).
+                for k in 1..H {
+                    for t in 0..T {
+                        sq[0][t] = _mm512_add_epi32(sq[0][t], sq[k][t]);
+                        sr[0][t] = _mm512_add_epi32(sr[0][t], sr[k][t]);
+                        ss[0][t] = _mm512_add_epi32(ss[0][t], ss[k][t]);
+                    }
+                }
+                let (sq, sr, ss) = (sq[0], sr[0], ss[0]);
                 for t in 0..T {
-                    sq[0][t] = _mm512_add_epi32(sq[0][t], sq[k][t]);
-                    sr[0][t] = _mm512_add_epi32(sr[0][t], sr[k][t]);
-                    ss[0][t] = _mm512_add_epi32(ss[0][t], ss[k][t]);
+                    let mut i = _mm512_add_epi32(slices_shift::<EXACT>(sq[t]), sr[t]);
+                    if EXACT {
+                        i = _mm512_add_epi32(slices_shift::<EXACT>(i), ss[t]);
+                    }
+                    let v = _mm512_mul_ps(_mm512_cvtepi32_ps(i), s);
+                    acc[t] = _mm512_fmadd_ps(v, _mm512_set1_ps(dx[t][g]), acc[t]);
                 }
             }
-            let (sq, sr, ss) = (sq[0], sr[0], ss[0]);
-            for t in 0..T {
-                let mut i = _mm512_add_epi32(slices_shift::<EXACT>(sq[t]), sr[t]);
-                if EXACT {
-                    i = _mm512_add_epi32(slices_shift::<EXACT>(i), ss[t]);
-                }
-                let v = _mm512_mul_ps(_mm512_cvtepi32_ps(i), s);
-                acc[t] = _mm512_fmadd_ps(v, _mm512_set1_ps(dx[t][g]), acc[t]);
+            let b = scales16(l.biases, l.st, 16 * g, 0xffff);
+            for (t, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(b, _mm512_set1_ps(xsum[t][g]), *a);
             }
         }
-        // SAFETY: as above.
-        let b = unsafe { scales16(l.biases, l.st, 16 * g, 0xffff) };
-        for (t, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(b, _mm512_set1_ps(xsum[t][g]), *a);
+        for (t, a) in acc.iter().enumerate() {
+            let i = (at.t0 + t) * l.rows + l.r0;
+            debug_assert!(i + l.mask.count_ones() as usize <= out.len);
+            // Outputs `(t0 + t, r0..r0 + n)` are in bounds, and these rows belong to this task alone.
+            _mm512_mask_storeu_ps(out.ptr.add(i), l.mask, *a);
         }
-    }
-    for (t, a) in acc.iter().enumerate() {
-        let i = (at.t0 + t) * l.rows + l.r0;
-        debug_assert!(i + l.mask.count_ones() as usize <= out.len);
-        // SAFETY: outputs `(t0 + t, r0..r0 + n)` are in bounds, and these rows belong to this task alone.
-        unsafe { _mm512_mask_storeu_ps(out.ptr.add(i), l.mask, *a) };
     }
 }
 
@@ -2377,15 +2437,11 @@ unsafe fn dot4_i8_rows4_any<const EXACT: bool>(
     stream: bool,
 ) -> [f32; 4] {
     unsafe {
-        match (group, code_bits(rows[0], scales[0], group)) {
-            (64, 8) => dot4_i8_rows4_zmm::<1, true, EXACT>(rows, xq, scales, dx, stream),
-            (64, 3) => dot4_i8_rows4_packed::<1, 3, EXACT>(rows, xq, scales, dx),
-            (64, 2) => dot4_i8_rows4_packed::<1, 2, EXACT>(rows, xq, scales, dx),
-            (64, _) => dot4_i8_rows4_zmm::<1, false, EXACT>(rows, xq, scales, dx, stream),
-            (_, 8) => dot4_i8_rows4_zmm::<2, true, EXACT>(rows, xq, scales, dx, stream),
-            (_, 3) => dot4_i8_rows4_packed::<2, 3, EXACT>(rows, xq, scales, dx),
-            (_, 2) => dot4_i8_rows4_packed::<2, 2, EXACT>(rows, xq, scales, dx),
-            (_, _) => dot4_i8_rows4_zmm::<2, false, EXACT>(rows, xq, scales, dx, stream),
+        match (group, is_wide(rows[0], scales[0], group)) {
+            (64, true) => dot4_i8_rows4_zmm::<1, true, EXACT>(rows, xq, scales, dx, stream),
+            (64, false) => dot4_i8_rows4_zmm::<1, false, EXACT>(rows, xq, scales, dx, stream),
+            (_, true) => dot4_i8_rows4_zmm::<2, true, EXACT>(rows, xq, scales, dx, stream),
+            (_, false) => dot4_i8_rows4_zmm::<2, false, EXACT>(rows, xq, scales, dx, stream),
         }
     }
 }
@@ -2400,96 +2456,52 @@ unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize, const WIDE: bool, const EXACT: 
     dx: &[f32],
     stream: bool,
 ) -> [f32; 4] {
+    let mut acc = [_mm512_setzero_ps(); 4];
     let p = rows.map(|r| r.as_ptr());
-    let chunk = |row: usize, j: usize| unsafe {
-        if j.is_multiple_of(128) {
-            if stream {
-                prefetch_pass(p[0], j / 128 * 4 + row);
-            }
-            _mm_prefetch::<_MM_HINT_T0>(p[row].wrapping_add(j / 2 + PREFETCH) as *const i8);
-        }
-        chunk64::<WIDE>(p[row], j)
-    };
-    unsafe { rows4_i8::<CHUNKS, EXACT>(xq, scales, dx, chunk) }
-}
-
-/// [`dot4_i8_rows4_zmm`] on four packed `BITS`-bit rows (2 or 3) of a matrix, one after another: each
-/// 64-code chunk is widened in registers as [`widen_vbmi`] would (`perm`), not through a copy, so the rows'
-/// bytes stream from memory while the chunks before them are multiplied.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma")]
-unsafe fn dot4_i8_rows4_packed<const CHUNKS: usize, const BITS: usize, const EXACT: bool>(
-    rows: [&[u8]; 4],
-    xq: Q8,
-    scales: [&[f32]; 4],
-    dx: &[f32],
-) -> [f32; 4] {
-    let p = rows.map(|r| r.as_ptr());
-    debug_assert!(
-        has_vbmi(),
-        "packed rows reach this kernel only through `Dots::reads_packed`"
-    );
-    let w = Widener::new(BITS as u32, true);
-    let chunk = |row: usize, j: usize| unsafe {
-        // Bytes `j·BITS/8..` of the row: per 128 codes, the four rows read 4·BITS/4 lines of the pass.
-        let at = j * BITS / 8;
-        if j.is_multiple_of(128) {
-            prefetch_pass(p[0], (j / 128 * 4 + row) * BITS / 4);
-            _mm_prefetch::<_MM_HINT_T0>(p[row].wrapping_add(at + PREFETCH) as *const i8);
-        }
-        // SAFETY: the chunk's `8·BITS` bytes are in the row (whole groups of 64 codes).
-        w.codes64(p[row].add(at))
-    };
-    unsafe { rows4_i8::<CHUNKS, EXACT>(xq, scales, dx, chunk) }
-}
-
-/// The loop of the four-row one-token int8 kernels: `chunk(row, j)` gives row `row`'s 64 codes from code `j`
-/// in [`nibbles_64`]'s order, a byte each.
-#[inline(always)]
-unsafe fn rows4_i8<const CHUNKS: usize, const EXACT: bool>(
-    xq: Q8,
-    scales: [&[f32]; 4],
-    dx: &[f32],
-    chunk: impl Fn(usize, usize) -> __m512i,
-) -> [f32; 4] {
-    // SAFETY: as the callers' (AVX-512 with VNNI; `chunk` and the activations cover every group's codes).
-    unsafe {
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let (q, r, s) = (xq.q.as_ptr(), xq.r.as_ptr(), xq.s.as_ptr());
-        let group = 64 * CHUNKS;
-        for g in 0..dx.len().min(scales[0].len()) {
-            let mut c = [[_mm512_setzero_si512(); 4]; CHUNKS];
-            let mut i = [_mm512_setzero_si512(); 4];
-            // `RESIDUAL·Σq + Σr` per row in one register: the coarse sums, shifted, then the residual ones.
-            for (k, ck) in c.iter_mut().enumerate() {
-                let j = g * group + 64 * k;
-                let vq = _mm512_loadu_si512(q.add(j) as *const _);
-                for row in 0..4 {
-                    ck[row] = chunk(row, j);
-                    i[row] = _mm512_dpbusd_epi32(i[row], ck[row], vq);
-                }
-            }
-            // Then the finer slices, each after a shift by the ratio of the steps.
-            let slices: &[*const i8] = if EXACT { &[r, s] } else { &[r] };
-            for &x in slices {
-                for v in &mut i {
-                    *v = slices_shift::<EXACT>(*v);
-                }
-                for (k, ck) in c.iter().enumerate() {
-                    let vx = _mm512_loadu_si512(x.add(g * group + 64 * k) as *const _);
-                    for row in 0..4 {
-                        i[row] = _mm512_dpbusd_epi32(i[row], ck[row], vx);
-                    }
-                }
-            }
-            let d = *dx.get_unchecked(g);
+    let (q, r, s) = (xq.q.as_ptr(), xq.r.as_ptr(), xq.s.as_ptr());
+    let group = 64 * CHUNKS;
+    for g in 0..dx.len().min(scales[0].len()) {
+        let mut c = [[_mm512_setzero_si512(); 4]; CHUNKS];
+        let mut i = [_mm512_setzero_si512(); 4];
+        // `RESIDUAL·Σq + Σr` per row in one register: the coarse sums, shifted, then the residual ones.
+        for (k, ck) in c.iter_mut().enumerate() {
+            let j = g * group + 64 * k;
+            let vq = unsafe { _mm512_loadu_si512(q.add(j) as *const _) };
             for row in 0..4 {
-                let sd = _mm512_set1_ps(*scales[row].get_unchecked(g) * d);
-                acc[row] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[row]), sd, acc[row]);
+                unsafe {
+                    if j.is_multiple_of(128) {
+                        if stream {
+                            prefetch_pass(p[0], j / 128 * 4 + row);
+                        }
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            p[row].wrapping_add(j / 2 + PREFETCH) as *const i8
+                        );
+                    }
+                    ck[row] = chunk64::<WIDE>(p[row], j);
+                }
+                i[row] = _mm512_dpbusd_epi32(i[row], ck[row], vq);
             }
         }
-        hsums512(acc)
+        // Then the finer slices, each after a shift by the ratio of the steps.
+        let slices: &[*const i8] = if EXACT { &[r, s] } else { &[r] };
+        for &x in slices {
+            for v in &mut i {
+                *v = slices_shift::<EXACT>(*v);
+            }
+            for (k, ck) in c.iter().enumerate() {
+                let vx = unsafe { _mm512_loadu_si512(x.add(g * group + 64 * k) as *const _) };
+                for row in 0..4 {
+                    i[row] = _mm512_dpbusd_epi32(i[row], ck[row], vx);
+                }
+            }
+        }
+        let d = unsafe { *dx.get_unchecked(g) };
+        for row in 0..4 {
+            let sd = _mm512_set1_ps(unsafe { *scales[row].get_unchecked(g) } * d);
+            acc[row] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[row]), sd, acc[row]);
+        }
     }
+    hsums512(acc)
 }
 
 /// An accumulator of the coarser slices' sums shifted to the next slice's steps: by [`super::RESIDUAL`]
