@@ -6,17 +6,16 @@
 //!   bytes) come out as the low nibbles (even codes) then the high nibbles (odd codes), so the activations are
 //!   permuted once per call to that order. Several tokens on AVX-512 (int8, groups of 64 or 128, columns a
 //!   multiple of 256) also have their chunks' blocks transposed per [`UNIT`] ([`transpose_units`]).
-//! - **8-bit** rows are their own codes. **2- and 3-bit** rows are widened and take the 4-bit kernels: to 4-bit
-//!   rows (64-bit word arithmetic; AVX-512 VBMI where present), or with VBMI on the int8 path to a byte per code
-//!   in the unpacked chunk order, which those kernels load as it is. **5- and 6-bit** rows are widened to a
-//!   byte per code.
+//! - **8-bit** rows are their own codes. **2- and 3-bit** rows are widened to 4-bit rows (64-bit word
+//!   arithmetic; AVX-512 VBMI where present) and take the 4-bit kernels, where they are not stored in lanes
+//!   (below). **5- and 6-bit** rows are widened to a byte per code.
 //!
 //! - **The 4-bit rows the model applies whole** (MLPs, attention projections, `lm_head`) on AVX-512 + VNNI
 //!   (int8 activations; f32 ones as three int8 slices), and **2- and 3-bit** ones with VBMI too: the rows are
 //!   stored at load in the rows-in-lanes order ([`AffineMatrix::lanes`], [`lanes_codes`]; still `bits` bits a
 //!   code), and every token count, one included, takes that kernel with no tile to build.
 //! - **Twelve or more f32 tokens** on AVX-512 where the rows-in-lanes kernel does not take them (with AMX,
-//!   groups of 32, widened rows without VBMI): rows are dequantized once into a per-thread tile
+//!   groups of 32, widened 2- and 3-bit rows): rows are dequantized once into a per-thread tile
 //!   ([`Dots::f32_tiles`]) instead of being unpacked again for every block of tokens; blocks of four tokens
 //!   meet it with plain FMAs, and from 48 tokens sixteen tokens per register of activations transposed once
 //!   per call ([`Prepared::xt`]).
@@ -748,7 +747,7 @@ trait Dots {
     /// A 2/3/5/6-bit row in the form this set's kernels read (see [`widen`]), at the start of `out` (`cols`
     /// bytes); returns its length.
     #[inline(always)]
-    fn widen(packed: &[u8], bits: u32, _group: usize, _int8: bool, out: &mut [u8]) -> usize {
+    fn widen(packed: &[u8], bits: u32, out: &mut [u8]) -> usize {
         widen_into(packed, bits, out)
     }
 
@@ -793,9 +792,9 @@ trait Dots {
         0
     }
 
-    /// int8 activations of [`LANE_TOKENS`] or more tokens ([`LANE_TOKENS_WIDENED`] on 2/3-bit rows), or f32
-    /// ones of [`TILE_TOKENS`] or more as three int8 slices (`f32_lanes`), against rows `rows` of 4-bit-order
-    /// matrix `m`, sixteen rows per register, where this set has a kernel for it: it stores the outputs of the
+    /// int8 activations of [`LANE_TOKENS`] or more tokens, or f32 ones of [`TILE_TOKENS`] or more as three
+    /// int8 slices (`f32_lanes`), against rows `rows` of 4-bit matrix `m` in the MLX layout, sixteen rows per
+    /// register, where this set has a kernel for it: it stores the outputs of the
     /// tokens from the first and returns how many (0: none).
     #[inline(always)]
     fn int8_lanes(
@@ -895,15 +894,7 @@ fn prepare(isa: Isa, x: &[f32], cols: usize, key: PrepKey) -> Prepared {
                 nibbles,
                 units,
                 false,
-                x86::Laned::of(
-                    lanes,
-                    x.len() / cols
-                        >= if packed4 {
-                            LANE_TOKENS
-                        } else {
-                            LANE_TOKENS_WIDENED
-                        },
-                ),
+                x86::Laned::of(lanes, packed4 && x.len() / cols >= LANE_TOKENS),
             )
         },
         // f32 activations of fewer tokens than the tiles take against 4-bit-order rows, of more against 4-bit
@@ -973,21 +964,15 @@ fn exact_slices(isa: Isa, tokens: usize, cols: usize, group: usize) -> bool {
     }
 }
 
-/// Whether `tokens` f32 tokens against 4-bit-order rows in the MLX layout take the rows-in-lanes kernel
-/// (`x86::int8_lanes`, its tile built per call) as three int8 slices: [`TILE_TOKENS`] or more, 4-bit rows (2-
-/// and 3-bit ones with VBMI, widened into the tile), groups of a multiple of 64, AVX-512 + VNNI without AMX
-/// (whose tiles take them). Against the f32 tiles, two threads, µs per call: sixteen 768×2048 matrices in turn
-/// at 12, 16, 32 and 64 tokens 314–335 → 230–240, 363–378 → 307–309, 641–716 → 466–527, 1090–1108 → 883–986;
-/// one 2048×2048 at 64 tokens 3235–3529 → 2604–2899; 3-bit rows at 12, 16 and 64 tokens 318–377 → 216–252,
-/// 378–389 → 263–279, 1113–1131 → 881–889, 2-bit at 12 and 64 tokens 276–279 → 202, 1107–1157 → 868–870.
-/// Below twelve the unit-order kernel is faster (4-bit at 11 tokens 213–217 against 250–259, 3-bit at 8
-/// 165–167 against 172–188).
+/// Whether `tokens` f32 tokens against 4-bit rows in the MLX layout take the rows-in-lanes kernel
+/// (`x86::int8_lanes`, its tile built per call) as three int8 slices: [`TILE_TOKENS`] or more, groups of a
+/// multiple of 64, AVX-512 + VNNI without AMX (whose tiles take them). Against the f32 tiles, two threads, µs
+/// per call: sixteen 768×2048 matrices in turn at 12, 16, 32 and 64 tokens 314–335 → 230–240, 363–378 →
+/// 307–309, 641–716 → 466–527, 1090–1108 → 883–986; one 2048×2048 at 64 tokens 3235–3529 → 2604–2899. Below
+/// twelve the unit-order kernel is faster (at 11 tokens 213–217 against 250–259).
 #[cfg(target_arch = "x86_64")]
 fn f32_lanes(isa: Isa, tokens: usize, packed4: bool, group: usize) -> bool {
-    isa == Isa::Avx512
-        && (packed4 || x86::has_vbmi())
-        && group.is_multiple_of(64)
-        && tokens >= TILE_TOKENS
+    isa == Isa::Avx512 && packed4 && group.is_multiple_of(64) && tokens >= TILE_TOKENS
 }
 
 /// [`widen`] into the start of `out`; returns the bytes written.
@@ -1069,11 +1054,6 @@ const TILE_TOKENS: usize = 12;
 /// CPU; sixteen stays.
 #[cfg(target_arch = "x86_64")]
 const LANE_TOKENS: usize = 16;
-/// [`LANE_TOKENS`] for 2- and 3-bit rows (widened with VBMI once per block of rows, not once per block of
-/// tokens as the unit-order kernel widens them): 3-bit, two threads, at 8 tokens 768×2048 +4–11 % and 2048×768
-/// +25–29 %, at 12 +20–45 %, at 64 tokens 2048×2048 ×1.5; at 4 tokens 8–18 % slower.
-#[cfg(target_arch = "x86_64")]
-const LANE_TOKENS_WIDENED: usize = 8;
 
 /// Whether the loader stores `m`'s rows in lanes ([`AffineMatrix::lanes`]): 4-bit rows in groups of a multiple
 /// of 64 on a CPU with AVX-512 + VNNI (2- and 3-bit ones with VBMI too), for int8 activations and for f32 ones
@@ -1308,7 +1288,7 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     let gpr = m.groups_per_row();
     // 2- and 3-bit rows are widened to 4 bits and take the 4-bit kernels; 5- and 6-bit rows to bytes.
     let nibbles = m.bits <= 4;
-    let (rb, int8) = (m.row_bytes(), !px.xq.is_empty());
+    let rb = m.row_bytes();
     codes.resize(4 * m.cols, 0);
     scales.resize(4 * gpr, 0.0);
     biases.resize(4 * gpr, 0.0);
@@ -1324,7 +1304,7 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
             if m.bits != 4 {
                 for (i, dst) in codes.chunks_exact_mut(m.cols).enumerate() {
                     let row = &all[(r + i) * rb..(r + i + 1) * rb];
-                    wb = K::widen(row, m.bits, m.group, int8, dst);
+                    wb = K::widen(row, m.bits, dst);
                 }
             }
             let rows: [&[u8]; 4] = std::array::from_fn(|i| match m.bits {
@@ -1374,7 +1354,7 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
             let row: &[u8] = match m.bits {
                 4 | 8 => packed,
                 b => {
-                    let wb = K::widen(packed, b, m.group, int8, &mut codes[..m.cols]);
+                    let wb = K::widen(packed, b, &mut codes[..m.cols]);
                     &codes[..wb]
                 }
             };
@@ -1653,7 +1633,7 @@ mod tests {
         // tokens make two blocks (5 + 6), 9 two of 4 + 5. 384 columns are not whole units of 256: one token
         // stays out of unit order there, several on f32. From twelve tokens 4-bit rows take the rows-in-lanes
         // kernel with the slices in nibble order (12: blocks of 6 + 6, 50: nine blocks of 5–6, 37 rows a
-        // partial block of sixteen), 2- and 3-bit rows too where VBMI widens them (else the f32 tiles).
+        // partial block of sixteen); 2- and 3-bit rows in the MLX layout take the f32 tiles there.
         for (t, bits, group, cols, rows, slices) in [
             (1, 4, 64, 2048, 37, true),
             (1, 4, 128, 768, 40, true),
@@ -1682,7 +1662,7 @@ mod tests {
                 cols,
                 (group, true, Activations::F32, bits == 4, false),
             );
-            let laned = t >= TILE_TOKENS && (bits == 4 || x86::has_vbmi());
+            let laned = t >= TILE_TOKENS && bits == 4;
             let slices = slices && (t < TILE_TOKENS || laned);
             assert_eq!(px.xs.len(), if slices { t * cols } else { 0 }, "t {t}");
             assert_eq!(
@@ -1807,7 +1787,7 @@ mod tests {
     fn int8_paths_agree_with_the_scalar_int8_reference() {
         // Integer dot products are exact, so only the f32 accumulation order may differ. Rows of one, two
         // and four groups; one token (the four-row pass) and passes of 2, 3, 4, 5, 6 (11 = 5 + 6), 7 and 8
-        // (15 = 7 + 8) tokens; 2- and 3-bit rows widened (a byte per code with VBMI), 6-bit rows to bytes;
+        // (15 = 7 + 8) tokens; 2- and 3-bit rows widened to 4 bits, 6-bit rows to bytes;
         // 96 columns leave the VBMI widening a 32-code tail; 256 and 1280 columns take the AVX-512 kernel
         // of 256-code units, 1280 with more than sixteen groups of 64 (a full and a partial set of scales).
         let rows = 19;
@@ -1958,8 +1938,8 @@ mod tests {
 
     #[test]
     fn int8_rows_in_lanes_agree_with_the_scalar_int8_reference() {
-        // From `LANE_TOKENS` int8 tokens on (`LANE_TOKENS_WIDENED` for 2/3-bit rows), AVX-512 takes 4-bit rows
-        // (2/3-bit ones widened with VBMI) sixteen to a register (`x86::int8_lanes`):
+        // From `LANE_TOKENS` int8 tokens on, AVX-512 takes 4-bit rows in the MLX layout sixteen to a register
+        // (`x86::int8_lanes`; 2- and 3-bit rows there take the unit-order kernels):
         // blocks of 8 tokens and a tail (23 = 8 + 8 + 7, 40), 37 rows (two full blocks of sixteen and five),
         // columns that are and are not whole 256-code units, groups of 64 and 128, every scale type.
         #[cfg(target_arch = "x86_64")]
@@ -1971,10 +1951,9 @@ mod tests {
                     .is_empty()
             };
             assert!(laned(LANE_TOKENS, true) && !laned(LANE_TOKENS - 1, true));
-            assert!(laned(LANE_TOKENS_WIDENED, false) && !laned(LANE_TOKENS_WIDENED - 1, false));
+            assert!(!laned(64, false));
         }
         let rows = 37;
-        // 9 tokens: 2/3-bit rows in lanes, 4-bit ones not.
         let cases = [(9, 256), (16, 64), (23, 192), (40, 1280), (16, 2048)]
             .into_iter()
             .flat_map(|(t, c)| [4, 3, 2].map(|b| (t, c, b)));

@@ -70,12 +70,10 @@ impl Dots for Avx512 {
         unsafe { dot_bf16_rows_xn_avx512(rows, x) }
     }
     #[inline(always)]
-    fn widen(packed: &[u8], bits: u32, group: usize, int8: bool, out: &mut [u8]) -> usize {
+    fn widen(packed: &[u8], bits: u32, out: &mut [u8]) -> usize {
         if has_vbmi() {
-            // The int8 kernels for groups of 64 and 128 read 2/3-bit rows as bytes in chunk order.
-            let perm = int8 && group >= 64 && bits <= 3;
-            // SAFETY: checked just above; `perm` rows are whole groups of at least 64 codes.
-            unsafe { widen_vbmi(packed, bits, perm, out) }
+            // SAFETY: checked just above.
+            unsafe { widen_vbmi(packed, bits, out) }
         } else {
             super::widen_into(packed, bits, out)
         }
@@ -90,12 +88,10 @@ impl Dots for Avx512 {
     ) -> [f32; N] {
         debug_assert!(!xq[0].units, "unit-order activations take `rows_xn`");
         unsafe {
-            let dots = match (group, is_wide(row, scales, group)) {
-                (32, _) => dot4_i8_vnni_xn_g32(row, xq, scales, dx),
-                (64, true) => dot4_i8_xn_zmm::<1, N, true>(row, xq, scales, dx),
-                (64, false) => dot4_i8_xn_zmm::<1, N, false>(row, xq, scales, dx),
-                (_, true) => dot4_i8_xn_zmm::<2, N, true>(row, xq, scales, dx),
-                (_, false) => dot4_i8_xn_zmm::<2, N, false>(row, xq, scales, dx),
+            let dots = match group {
+                32 => dot4_i8_vnni_xn_g32(row, xq, scales, dx),
+                64 => dot4_i8_xn_zmm::<1, N>(row, xq, scales, dx),
+                _ => dot4_i8_xn_zmm::<2, N>(row, xq, scales, dx),
             };
             std::array::from_fn(|t| dots[t] + super::bias_dot(biases, xsum[t]))
         }
@@ -121,16 +117,13 @@ impl Dots for Avx512 {
         if !px.units {
             return false;
         }
-        // 2- and 3-bit rows are widened as `widen` does: a byte per code with VBMI, else to 4 bits.
-        let wide = m.bits != 4 && has_vbmi();
         // SAFETY: this set is only used where AVX-512 + VNNI exist; `px.units` means int8 activations of
-        // 4-bit-order rows in unit order, columns a multiple of [`UNIT`], groups of 64 or 128.
+        // 4-bit-order rows (2- and 3-bit ones widened to 4 bits) in unit order, columns a multiple of
+        // [`UNIT`], groups of 64 or 128.
         unsafe {
-            match (m.group, wide) {
-                (64, false) => units_rows_n::<1, false>(m, px, out, rows, tokens),
-                (64, true) => units_rows_n::<1, true>(m, px, out, rows, tokens),
-                (128, false) => units_rows_n::<2, false>(m, px, out, rows, tokens),
-                (128, true) => units_rows_n::<2, true>(m, px, out, rows, tokens),
+            match m.group {
+                64 => units_rows_n::<1>(m, px, out, rows, tokens),
+                128 => units_rows_n::<2>(m, px, out, rows, tokens),
                 _ => false,
             }
         }
@@ -170,12 +163,12 @@ impl Dots for Avx512 {
         out: &Out,
         rows: std::ops::Range<usize>,
     ) -> usize {
-        // 2- and 3-bit rows are widened to the byte per code the tile holds with VBMI only.
-        if m.bits != 4 && !has_vbmi() {
+        // 2- and 3-bit rows take it stored in lanes (`super::lanes_apply`), not through this tile.
+        if m.bits != 4 {
             return 0;
         }
         // SAFETY: this set is only used where AVX-512 + VNNI exist; `xl` is prepared for int8 activations
-        // (or f32 ones' slices) of 4-bit-order rows (4-bit, or 2/3-bit) in groups of a multiple of 64.
+        // (or f32 ones' slices) of 4-bit rows in groups of a multiple of 64.
         unsafe { int8_lanes(m, px, out, rows) };
         px.tokens
     }
@@ -531,7 +524,7 @@ pub(super) unsafe fn run_rows_avx512(w: Weight, px: &Prepared, out: &Out, r0: us
 
 /// A 2- or 3-bit row widened to 4 bits (the f32 kernels' form) at the start of `out`; returns its length.
 pub(super) fn widen_nibbles(packed: &[u8], bits: u32, out: &mut [u8]) -> usize {
-    Avx512::widen(packed, bits, 64, false, out)
+    Avx512::widen(packed, bits, out)
 }
 
 pub fn has_avx2() -> bool {
@@ -554,30 +547,24 @@ pub fn has_vbmi() -> bool {
 
 /// [`crate::quant::affine::widen`] with AVX-512 VBMI, 64 codes per step: `vpermb` gives each 64-bit lane the
 /// bytes of its eight codes, `vpmultishiftqb` moves each code to its own byte. 2- and 3-bit codes are then
-/// paired into nibbles (`even + 16·odd`), or with `perm` kept a byte each in [`nibbles_64`]'s order (even
-/// codes of the chunk, then odd), which the int8 kernels load without unpacking. Returns the bytes written.
+/// paired into nibbles (`even + 16·odd`). Returns the bytes written.
 ///
 /// # Safety
-/// Needs AVX-512 F/BW/VBMI. `perm` needs 2 or 3 bits and a multiple of 64 codes.
+/// Needs AVX-512 F/BW/VBMI.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-pub unsafe fn widen_vbmi(bytes: &[u8], bits: u32, perm: bool, out: &mut [u8]) -> usize {
+pub unsafe fn widen_vbmi(bytes: &[u8], bits: u32, out: &mut [u8]) -> usize {
     let b = bits as usize;
     let codes = bytes.len() * 8 / b;
     // 64 codes in, as 32 bytes of nibbles or 64 of codes out.
     let in_step = 8 * b;
-    let (out_step, len) = if b <= 4 && !perm {
-        (32, codes / 2)
-    } else {
-        (64, codes)
-    };
+    let (out_step, len) = if b <= 4 { (32, codes / 2) } else { (64, codes) };
     assert!(
         out.len() >= len,
         "widen_vbmi: {} bytes for {len}",
         out.len()
     );
-    debug_assert!(!perm || (b <= 3 && codes.is_multiple_of(64)));
     let steps = codes / 64;
-    let (idx, ctl) = vbmi_tables(bits, perm);
+    let (idx, ctl) = vbmi_tables(bits);
     let (idx, ctl) = unsafe {
         (
             _mm512_loadu_si512(idx.as_ptr() as *const _),
@@ -615,42 +602,28 @@ pub unsafe fn widen_vbmi(bytes: &[u8], bits: u32, perm: bool, out: &mut [u8]) ->
     len
 }
 
-/// `vpermb` indices and `vpmultishiftqb` bit offsets that put the codes of a 64-code step a byte each: in
-/// order, or (`perm`, 2 and 3 bits) in [`nibbles_64`]'s order.
-fn vbmi_tables(bits: u32, perm: bool) -> &'static ([u8; 64], [u8; 64]) {
-    const fn tables(b: usize, perm: bool) -> ([u8; 64], [u8; 64]) {
+/// `vpermb` indices and `vpmultishiftqb` bit offsets that put the codes of a 64-code step a byte each, in
+/// order.
+fn vbmi_tables(bits: u32) -> &'static ([u8; 64], [u8; 64]) {
+    const fn tables(b: usize) -> ([u8; 64], [u8; 64]) {
         let (mut idx, mut ctl) = ([0u8; 64], [0u8; 64]);
         let mut o = 0;
         while o < 64 {
+            // Lane `w` holds the eight codes from `8w`.
             let (w, i) = (o / 8, o % 8);
-            // Lane `w` holds eight codes from `first`, one apart, or (`perm`) two apart: the even codes of
-            // the step in lanes 0..4, the odd ones in lanes 4..8. They span at most 15·3 + 7 + 3 bits.
-            let (first, stride) = match (perm, w < 4) {
-                (false, _) => (8 * w, 1),
-                (true, true) => (16 * w, 2),
-                (true, false) => (16 * (w - 4) + 1, 2),
-            };
-            let start = first * b / 8;
+            let start = 8 * w * b / 8;
             idx[o] = (start + i) as u8;
-            ctl[o] = ((first + stride * i) * b - 8 * start) as u8;
+            ctl[o] = ((8 * w + i) * b - 8 * start) as u8;
             o += 1;
         }
         (idx, ctl)
     }
-    static NATURAL: [([u8; 64], [u8; 64]); 4] = [
-        tables(2, false),
-        tables(3, false),
-        tables(5, false),
-        tables(6, false),
-    ];
-    static PERMUTED: [([u8; 64], [u8; 64]); 2] = [tables(2, true), tables(3, true)];
-    match (bits, perm) {
-        (2, true) => &PERMUTED[0],
-        (_, true) => &PERMUTED[1],
-        (2, false) => &NATURAL[0],
-        (3, false) => &NATURAL[1],
-        (5, false) => &NATURAL[2],
-        _ => &NATURAL[3],
+    static TABLES: [([u8; 64], [u8; 64]); 4] = [tables(2), tables(3), tables(5), tables(6)];
+    match bits {
+        2 => &TABLES[0],
+        3 => &TABLES[1],
+        5 => &TABLES[2],
+        _ => &TABLES[3],
     }
 }
 
@@ -899,24 +872,11 @@ unsafe fn nibbles_64(p: *const u8) -> __m512i {
     )
 }
 
-/// The 64-code chunk at code `j` of a 4-bit row in [`nibbles_64`]'s order: unpacked from the row's nibbles,
-/// or loaded as it is from a row [`widen_vbmi`] wrote a byte per code in that order (`WIDE`).
+/// The 64-code chunk at code `j` of a 4-bit row in [`nibbles_64`]'s order.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn chunk64<const WIDE: bool>(p: *const u8, j: usize) -> __m512i {
-    unsafe {
-        if WIDE {
-            _mm512_loadu_si512(p.add(j) as *const _)
-        } else {
-            nibbles_64(p.add(j / 2))
-        }
-    }
-}
-
-/// Whether a row handed to the 4-bit int8 kernels holds a byte per code (a widened 2/3-bit row).
-#[inline(always)]
-fn is_wide(row: &[u8], scales: &[f32], group: usize) -> bool {
-    row.len() == scales.len() * group
+unsafe fn chunk64(p: *const u8, j: usize) -> __m512i {
+    unsafe { nibbles_64(p.add(j / 2)) }
 }
 
 /// Runs `one(g, chain)` over `groups` groups on two accumulator chains (even groups on the first, odd ones on
@@ -985,7 +945,7 @@ pub unsafe fn dot4_i8_vnni(packed: &[u8], xq: Q8, scales: &[f32], dx: &[f32], gr
     }
 }
 
-/// [`dot4_i8_zmm`] for groups of 64 or 128 and the rows' layout; `EXACT`: the three slices ([`Q8::s`]).
+/// [`dot4_i8_zmm`] for groups of 64 or 128; `EXACT`: the three slices ([`Q8::s`]).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn dot4_i8_zmm_any<const EXACT: bool>(
@@ -996,11 +956,9 @@ unsafe fn dot4_i8_zmm_any<const EXACT: bool>(
     group: usize,
 ) -> f32 {
     unsafe {
-        match (group, is_wide(packed, scales, group)) {
-            (64, true) => dot4_i8_zmm::<1, true, EXACT>(packed, xq, scales, dx),
-            (64, false) => dot4_i8_zmm::<1, false, EXACT>(packed, xq, scales, dx),
-            (_, true) => dot4_i8_zmm::<2, true, EXACT>(packed, xq, scales, dx),
-            (_, false) => dot4_i8_zmm::<2, false, EXACT>(packed, xq, scales, dx),
+        match group {
+            64 => dot4_i8_zmm::<1, EXACT>(packed, xq, scales, dx),
+            _ => dot4_i8_zmm::<2, EXACT>(packed, xq, scales, dx),
         }
     }
 }
@@ -1009,7 +967,7 @@ unsafe fn dot4_i8_zmm_any<const EXACT: bool>(
 /// coarse sums, shifted, then the residual ones); two groups per step keep two accumulator chains.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn dot4_i8_zmm<const CHUNKS: usize, const WIDE: bool, const EXACT: bool>(
+unsafe fn dot4_i8_zmm<const CHUNKS: usize, const EXACT: bool>(
     packed: &[u8],
     xq: Q8,
     scales: &[f32],
@@ -1024,7 +982,7 @@ unsafe fn dot4_i8_zmm<const CHUNKS: usize, const WIDE: bool, const EXACT: bool>(
         let mut i = _mm512_setzero_si512();
         for (k, ck) in c.iter_mut().enumerate() {
             let j = g * group + 64 * k;
-            *ck = chunk64::<WIDE>(p, j);
+            *ck = chunk64(p, j);
             i = _mm512_dpbusd_epi32(i, *ck, _mm512_loadu_si512(q.add(j) as *const _));
         }
         for &x in slices {
@@ -1202,7 +1160,7 @@ unsafe fn dot4_i8_vnni_xn_g32<const N: usize>(
 /// [`dot4_i8_zmm`] for `N` tokens: each 64-code chunk of the row is unpacked once for all of them.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn dot4_i8_xn_zmm<const CHUNKS: usize, const N: usize, const WIDE: bool>(
+unsafe fn dot4_i8_xn_zmm<const CHUNKS: usize, const N: usize>(
     row: &[u8],
     xq: [Q8; N],
     scales: &[f32],
@@ -1219,7 +1177,7 @@ unsafe fn dot4_i8_xn_zmm<const CHUNKS: usize, const N: usize, const WIDE: bool>(
         }
         let mut c = [_mm512_setzero_si512(); CHUNKS];
         for (k, ck) in c.iter_mut().enumerate() {
-            *ck = unsafe { chunk64::<WIDE>(p, g * group + 64 * k) };
+            *ck = unsafe { chunk64(p, g * group + 64 * k) };
         }
         for t in 0..N {
             // `RESIDUAL·Σq + Σr` in one register: the coarse sums, shifted, then the residual ones.
@@ -1245,50 +1203,27 @@ unsafe fn dot4_i8_xn_zmm<const CHUNKS: usize, const N: usize, const WIDE: bool>(
 }
 
 /// The four 64-code chunks of unit `u` of a 4-bit row in [`super::transpose_units`] order: register `j`
-/// holds block `j` (16 codes) of each chunk. From packed nibbles, or (`WIDE`) from a row widened to a byte
-/// per code in [`nibbles_64`] order.
+/// holds block `j` (16 codes) of each chunk.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn unit_blocks<const WIDE: bool>(p: *const u8, u: usize) -> [__m512i; 4] {
-    // SAFETY (all loads): the caller's unit `u` lies within the row.
-    if WIDE {
-        let c = unsafe {
-            [
-                _mm512_loadu_si512(p.add(UNIT * u) as *const _),
-                _mm512_loadu_si512(p.add(UNIT * u + 64) as *const _),
-                _mm512_loadu_si512(p.add(UNIT * u + 128) as *const _),
-                _mm512_loadu_si512(p.add(UNIT * u + 192) as *const _),
-            ]
-        };
-        // Blocks 0, 1 and 2, 3 of chunk pairs, then every chunk's block j in register j.
-        let lo01 = _mm512_shuffle_i64x2::<0x44>(c[0], c[1]);
-        let hi01 = _mm512_shuffle_i64x2::<0xee>(c[0], c[1]);
-        let lo23 = _mm512_shuffle_i64x2::<0x44>(c[2], c[3]);
-        let hi23 = _mm512_shuffle_i64x2::<0xee>(c[2], c[3]);
-        [
-            _mm512_shuffle_i64x2::<0x88>(lo01, lo23),
-            _mm512_shuffle_i64x2::<0xdd>(lo01, lo23),
-            _mm512_shuffle_i64x2::<0x88>(hi01, hi23),
-            _mm512_shuffle_i64x2::<0xdd>(hi01, hi23),
-        ]
-    } else {
-        // A chunk's 32 bytes: its low nibbles are blocks 0 (first 16 bytes) and 1, its high nibbles 2 and 3.
-        let (a, b) = unsafe {
-            (
-                _mm512_loadu_si512(p.add(UNIT / 2 * u) as *const _),
-                _mm512_loadu_si512(p.add(UNIT / 2 * u + 64) as *const _),
-            )
-        };
-        let first = _mm512_shuffle_i64x2::<0x88>(a, b);
-        let second = _mm512_shuffle_i64x2::<0xdd>(a, b);
-        let m = _mm512_set1_epi8(0x0f);
-        [
-            _mm512_and_si512(first, m),
-            _mm512_and_si512(second, m),
-            _mm512_and_si512(_mm512_srli_epi16(first, 4), m),
-            _mm512_and_si512(_mm512_srli_epi16(second, 4), m),
-        ]
-    }
+unsafe fn unit_blocks(p: *const u8, u: usize) -> [__m512i; 4] {
+    // A chunk's 32 bytes: its low nibbles are blocks 0 (first 16 bytes) and 1, its high nibbles 2 and 3.
+    // SAFETY: the caller's unit `u` lies within the row.
+    let (a, b) = unsafe {
+        (
+            _mm512_loadu_si512(p.add(UNIT / 2 * u) as *const _),
+            _mm512_loadu_si512(p.add(UNIT / 2 * u + 64) as *const _),
+        )
+    };
+    let first = _mm512_shuffle_i64x2::<0x88>(a, b);
+    let second = _mm512_shuffle_i64x2::<0xdd>(a, b);
+    let m = _mm512_set1_epi8(0x0f);
+    [
+        _mm512_and_si512(first, m),
+        _mm512_and_si512(second, m),
+        _mm512_and_si512(_mm512_srli_epi16(first, 4), m),
+        _mm512_and_si512(_mm512_srli_epi16(second, 4), m),
+    ]
 }
 
 /// One row as the row kernels read it: the checkpoint's bytes (prefetched ahead), the codes in the kernels'
@@ -1301,11 +1236,10 @@ struct KernelRow<'a> {
     biases: *const u8,
 }
 
-/// The rows of a 4-bit-order matrix for the row kernels: 2- and 3-bit rows widened into one buffer, as
-/// [`Dots::widen`] does for the int8 or the f32 path.
+/// The rows of a 4-bit-order matrix for the row kernels: 2- and 3-bit rows widened to 4 bits into one
+/// buffer ([`Dots::widen`]).
 struct RowReader<'a> {
     m: &'a AffineMatrix,
-    int8: bool,
     widened: Vec<u8>,
     /// Bytes per row of codes and of scales (or biases): computed once, as a one-token pass of two rows
     /// asks for its rows every ~16 units of work.
@@ -1314,7 +1248,7 @@ struct RowReader<'a> {
 }
 
 impl<'a> RowReader<'a> {
-    fn new(m: &'a AffineMatrix, int8: bool) -> RowReader<'a> {
+    fn new(m: &'a AffineMatrix) -> RowReader<'a> {
         let widened = if m.bits == 4 {
             Vec::new()
         } else {
@@ -1322,7 +1256,6 @@ impl<'a> RowReader<'a> {
         };
         RowReader {
             m,
-            int8,
             widened,
             row_bytes: m.row_bytes(),
             scale_bytes: m.groups_per_row() * m.scale_type.size(),
@@ -1344,11 +1277,10 @@ impl<'a> RowReader<'a> {
         let codes = if m.bits == 4 {
             packed.as_ptr()
         } else {
-            debug_assert!(cols.start == 0 || !self.int8);
             let bits = m.bits as usize;
             let part = &packed[cols.start * bits / 8..cols.end * bits / 8];
             let out = &mut self.widened[cols.start / 2..];
-            Avx512::widen(part, m.bits, m.group, self.int8, out);
+            Avx512::widen(part, m.bits, out);
             self.widened.as_ptr()
         };
         KernelRow {
@@ -1387,7 +1319,7 @@ unsafe fn scales16(raw: *const u8, st: ScaleType, g0: usize, m: __mmask16) -> __
 /// [`units_rows`] for a block of 1 to 8 tokens; false for other counts.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn units_rows_n<const CHUNKS: usize, const WIDE: bool>(
+unsafe fn units_rows_n<const CHUNKS: usize>(
     m: &AffineMatrix,
     px: &Prepared,
     out: &Out,
@@ -1395,16 +1327,16 @@ unsafe fn units_rows_n<const CHUNKS: usize, const WIDE: bool>(
     tokens: std::ops::Range<usize>,
 ) -> bool {
     if px.xs.is_empty() {
-        unsafe { units_rows_by_count::<CHUNKS, WIDE, false>(m, px, out, rows, tokens) }
+        unsafe { units_rows_by_count::<CHUNKS, false>(m, px, out, rows, tokens) }
     } else {
-        unsafe { units_rows_by_count::<CHUNKS, WIDE, true>(m, px, out, rows, tokens) }
+        unsafe { units_rows_by_count::<CHUNKS, true>(m, px, out, rows, tokens) }
     }
 }
 
 /// [`units_rows_n`] with the two slices of int8 activations or (`EXACT`) the three of f32 ones.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn units_rows_by_count<const CHUNKS: usize, const WIDE: bool, const EXACT: bool>(
+unsafe fn units_rows_by_count<const CHUNKS: usize, const EXACT: bool>(
     m: &AffineMatrix,
     px: &Prepared,
     out: &Out,
@@ -1414,14 +1346,14 @@ unsafe fn units_rows_by_count<const CHUNKS: usize, const WIDE: bool, const EXACT
     let t0 = tokens.start;
     unsafe {
         match tokens.len() {
-            1 => units_rows::<CHUNKS, 1, WIDE, EXACT>(m, px, out, rows, t0),
-            2 => units_rows::<CHUNKS, 2, WIDE, EXACT>(m, px, out, rows, t0),
-            3 => units_rows::<CHUNKS, 3, WIDE, EXACT>(m, px, out, rows, t0),
-            4 => units_rows::<CHUNKS, 4, WIDE, EXACT>(m, px, out, rows, t0),
-            5 => units_rows::<CHUNKS, 5, WIDE, EXACT>(m, px, out, rows, t0),
-            6 => units_rows::<CHUNKS, 6, WIDE, EXACT>(m, px, out, rows, t0),
-            7 => units_rows::<CHUNKS, 7, WIDE, EXACT>(m, px, out, rows, t0),
-            8 => units_rows::<CHUNKS, 8, WIDE, EXACT>(m, px, out, rows, t0),
+            1 => units_rows::<CHUNKS, 1, EXACT>(m, px, out, rows, t0),
+            2 => units_rows::<CHUNKS, 2, EXACT>(m, px, out, rows, t0),
+            3 => units_rows::<CHUNKS, 3, EXACT>(m, px, out, rows, t0),
+            4 => units_rows::<CHUNKS, 4, EXACT>(m, px, out, rows, t0),
+            5 => units_rows::<CHUNKS, 5, EXACT>(m, px, out, rows, t0),
+            6 => units_rows::<CHUNKS, 6, EXACT>(m, px, out, rows, t0),
+            7 => units_rows::<CHUNKS, 7, EXACT>(m, px, out, rows, t0),
+            8 => units_rows::<CHUNKS, 8, EXACT>(m, px, out, rows, t0),
             _ => return false,
         }
     }
@@ -1429,11 +1361,10 @@ unsafe fn units_rows_by_count<const CHUNKS: usize, const WIDE: bool, const EXACT
 }
 
 /// Int8 tokens `t0..t0 + N` in [`super::transpose_units`] order against rows `rows` (4-bit, or 2/3-bit
-/// widened row by row: to a byte per code in [`nibbles_64`] order if `WIDE`, else to 4 bits), groups of
-/// `64 · CHUNKS`, two rows per pass (see [`units_pass`]).
+/// widened to 4 bits row by row), groups of `64 · CHUNKS`, two rows per pass (see [`units_pass`]).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn units_rows<const CHUNKS: usize, const N: usize, const WIDE: bool, const EXACT: bool>(
+unsafe fn units_rows<const CHUNKS: usize, const N: usize, const EXACT: bool>(
     m: &AffineMatrix,
     px: &Prepared,
     out: &Out,
@@ -1447,16 +1378,14 @@ unsafe fn units_rows<const CHUNKS: usize, const N: usize, const WIDE: bool, cons
         dx: std::array::from_fn(|t| px.dx_of(t0 + t).as_ptr()),
         xsum: std::array::from_fn(|t| px.xsum_of(t0 + t).as_ptr()),
     };
-    let mut readers = [RowReader::new(m, true), RowReader::new(m, true)];
+    let mut readers = [RowReader::new(m), RowReader::new(m)];
     let mut r = rows.start;
     while r + 2 <= rows.end {
-        unsafe {
-            units_pass::<CHUNKS, N, WIDE, EXACT, 2>(m, &x, out, [r, r + 1], &mut readers, t0)
-        };
+        unsafe { units_pass::<CHUNKS, N, EXACT, 2>(m, &x, out, [r, r + 1], &mut readers, t0) };
         r += 2;
     }
     if r < rows.end {
-        unsafe { units_pass::<CHUNKS, N, WIDE, EXACT, 1>(m, &x, out, [r], &mut readers, t0) };
+        unsafe { units_pass::<CHUNKS, N, EXACT, 1>(m, &x, out, [r], &mut readers, t0) };
     }
 }
 
@@ -1477,13 +1406,7 @@ struct UnitTokens<const N: usize> {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 #[allow(clippy::needless_range_loop)] // `w[k][j]`: a row's block `j` meets the token's block `j`
-unsafe fn units_pass<
-    const CHUNKS: usize,
-    const N: usize,
-    const WIDE: bool,
-    const EXACT: bool,
-    const R: usize,
->(
+unsafe fn units_pass<const CHUNKS: usize, const N: usize, const EXACT: bool, const R: usize>(
     m: &AffineMatrix,
     x: &UnitTokens<N>,
     out: &Out,
@@ -1545,7 +1468,7 @@ unsafe fn units_pass<
         // would become a call (3-bit prefill measured ~1.4x slower).
         let mut w = [[_mm512_setzero_si512(); 4]; R];
         for (k, row) in kr.iter().enumerate() {
-            w[k] = unsafe { unit_blocks::<WIDE>(row.codes, u) };
+            w[k] = unsafe { unit_blocks(row.codes, u) };
         }
         for t in 0..N {
             // `RESIDUAL·Σq + Σr` per lane (`EXACT`: `(EXACT_RESIDUAL·Σq + Σr)·EXACT_RESIDUAL + Σs`; a lane
@@ -1592,10 +1515,9 @@ unsafe fn units_pass<
     }
 }
 
-/// int8 tokens, or f32 ones as three int8 slices ([`Prepared::xl`]), against 4-bit rows `rows` (or 2/3-bit
-/// ones, widened with VBMI), sixteen rows per register: each block of sixteen rows is unpacked once into a
-/// tile in the form the MLPs' matrices are stored in at load (per pair of 4-code words, the sixteen rows' two
-/// words in nibbles), with its scales and biases per group, and [`lanes_pass`] takes it as it takes those.
+/// int8 tokens, or f32 ones as three int8 slices ([`Prepared::xl`]), against 4-bit rows `rows` in the MLX
+/// layout, sixteen rows per register: each block of sixteen rows is unpacked once into a tile in the form the
+/// 4-bit matrices are stored in at load (per pair of 4-code words, the sixteen rows' two words in nibbles), with its scales and biases per group, and [`lanes_pass`] takes it as it takes those.
 /// No shuffles, permutations or horizontal sums in the loop, and each output register is sixteen consecutive
 /// outputs of a token.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
@@ -1633,11 +1555,8 @@ unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops:
         for k in 0..16 {
             let dst = &mut codes[k * cols..(k + 1) * cols];
             let packed = || &m.packed[(r + k) * rb..(r + k + 1) * rb];
-            if k < n && m.bits == 4 {
+            if k < n {
                 unsafe { unpack_nibbles(packed(), dst) };
-            } else if k < n {
-                // A byte per code in the same order (VBMI, checked by the caller).
-                Avx512::widen(packed(), m.bits, m.group, true, dst);
             } else {
                 dst.fill(0);
             }
@@ -2102,7 +2021,7 @@ unsafe fn f32_rows<const CHUNKS: usize, const N: usize>(
     t0: usize,
 ) {
     let gpr = m.groups_per_row();
-    let mut reader = RowReader::new(m, false);
+    let mut reader = RowReader::new(m);
     let x: [*const f32; N] = std::array::from_fn(|t| px.xf_of(t0 + t).as_ptr());
     let xsum: [*const f32; N] = std::array::from_fn(|t| px.xsum_of(t0 + t).as_ptr());
     let lut = codes_lut();
@@ -2281,7 +2200,7 @@ unsafe fn f32_tiles<const CHUNKS: usize>(
 ) {
     let (group, gpr) = (64 * CHUNKS, m.groups_per_row());
     let span = (TILE_SPAN / group).clamp(1, 16);
-    let mut reader = RowReader::new(m, false);
+    let mut reader = RowReader::new(m);
     // Rows `TILE_SPAN` apart: each row's broadcast below is then a constant offset from one pointer.
     let (mut tile, mut sums) = take_tile(TILE_ROWS * TILE_SPAN);
     let tokens = px.tiled();
@@ -2372,7 +2291,7 @@ unsafe fn f32_dot_tiles<const CHUNKS: usize>(
     let (group, gpr, tokens) = (64 * CHUNKS, m.groups_per_row(), px.tokens);
     // At most sixteen groups per span: one load of scales and biases each.
     let span = (DOT_TILE_SPAN / group).clamp(1, 16);
-    let mut reader = RowReader::new(m, false);
+    let mut reader = RowReader::new(m);
     let (mut tile, kept) = take_tile(DOT_TILE_ROWS * span * group);
     for r0 in rows.clone().step_by(DOT_TILE_ROWS) {
         let r1 = (r0 + DOT_TILE_ROWS).min(rows.end);
@@ -2425,7 +2344,7 @@ unsafe fn f32_dot_tiles<const CHUNKS: usize>(
 
 // ---- four rows per pass (one token) ----
 
-/// [`dot4_i8_rows4_zmm`] for groups of 64 or 128 and the rows' layout.
+/// [`dot4_i8_rows4_zmm`] for groups of 64 or 128.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn dot4_i8_rows4_any<const EXACT: bool>(
@@ -2437,11 +2356,9 @@ unsafe fn dot4_i8_rows4_any<const EXACT: bool>(
     stream: bool,
 ) -> [f32; 4] {
     unsafe {
-        match (group, is_wide(rows[0], scales[0], group)) {
-            (64, true) => dot4_i8_rows4_zmm::<1, true, EXACT>(rows, xq, scales, dx, stream),
-            (64, false) => dot4_i8_rows4_zmm::<1, false, EXACT>(rows, xq, scales, dx, stream),
-            (_, true) => dot4_i8_rows4_zmm::<2, true, EXACT>(rows, xq, scales, dx, stream),
-            (_, false) => dot4_i8_rows4_zmm::<2, false, EXACT>(rows, xq, scales, dx, stream),
+        match group {
+            64 => dot4_i8_rows4_zmm::<1, EXACT>(rows, xq, scales, dx, stream),
+            _ => dot4_i8_rows4_zmm::<2, EXACT>(rows, xq, scales, dx, stream),
         }
     }
 }
@@ -2449,7 +2366,7 @@ unsafe fn dot4_i8_rows4_any<const EXACT: bool>(
 /// [`dot4_i8_zmm`] over four rows: each 64-code chunk of activations is loaded once for all four.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize, const WIDE: bool, const EXACT: bool>(
+unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize, const EXACT: bool>(
     rows: [&[u8]; 4],
     xq: Q8,
     scales: [&[f32]; 4],
@@ -2477,7 +2394,7 @@ unsafe fn dot4_i8_rows4_zmm<const CHUNKS: usize, const WIDE: bool, const EXACT: 
                             p[row].wrapping_add(j / 2 + PREFETCH) as *const i8
                         );
                     }
-                    ck[row] = chunk64::<WIDE>(p[row], j);
+                    ck[row] = chunk64(p[row], j);
                 }
                 i[row] = _mm512_dpbusd_epi32(i[row], ck[row], vq);
             }
