@@ -38,6 +38,10 @@ impl Dots for Avx2 {
     fn dot_bf16_xn<const N: usize>(row: &[u8], x: [&[f32]; N]) -> [f32; N] {
         unsafe { dot_bf16_xn_avx2(row, x) }
     }
+    #[inline(always)]
+    fn widen(packed: &[u8], bits: u32, out: &mut [u8]) -> usize {
+        widen_x86(packed, bits, out)
+    }
 }
 
 impl Dots for Avx512 {
@@ -75,7 +79,7 @@ impl Dots for Avx512 {
             // SAFETY: checked just above.
             unsafe { widen_vbmi(packed, bits, out) }
         } else {
-            super::widen_into(packed, bits, out)
+            widen_x86(packed, bits, out)
         }
     }
     #[inline(always)]
@@ -543,6 +547,83 @@ pub fn has_vbmi() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vbmi")
+}
+
+/// [`super::Dots::widen`] where AVX2 is the best widening there is: 2- and 3-bit rows with [`widen_avx2`].
+#[inline(always)]
+fn widen_x86(packed: &[u8], bits: u32, out: &mut [u8]) -> usize {
+    if bits <= 3 {
+        // SAFETY: both sets that call this have AVX2.
+        unsafe { widen_avx2(packed, bits, out) }
+    } else {
+        super::widen_into(packed, bits, out)
+    }
+}
+
+/// [`crate::quant::affine::widen`] of 2- and 3-bit rows to 4 bits with AVX2, 64 codes per step: each 32-bit
+/// lane takes the `bits` bytes of its eight codes (`vpshufb`, each 128-bit half from its own masked load),
+/// and three mask-and-shift steps move the codes to 4-bit strides, as `affine::spread` does in 64-bit words
+/// (which does the tail of fewer than 64 codes). Returns the bytes written. The row's bytes are fetched
+/// [`PREFETCH`] ahead.
+///
+/// # Safety
+/// Needs AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn widen_avx2(bytes: &[u8], bits: u32, out: &mut [u8]) -> usize {
+    debug_assert!(matches!(bits, 2 | 3));
+    let b = bits as usize;
+    let codes = bytes.len() * 8 / b;
+    let len = codes / 2;
+    assert!(
+        out.len() >= len,
+        "widen_avx2: {} bytes for {len}",
+        out.len()
+    );
+    let steps = codes / 64;
+    // Per half: dword `j` takes bytes `b·j..b·j + b`, the rest zero.
+    let order: [i8; 16] = std::array::from_fn(|o| {
+        let (j, i) = (o / 4, o % 4);
+        if i < b { (b * j + i) as i8 } else { -1 }
+    });
+    let order = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(order.as_ptr() as *const _)) };
+    // The first `b` dwords of a half: its `4·b` bytes.
+    let load = _mm_setr_epi32(-1, -1, if b == 3 { -1 } else { 0 }, 0);
+    // Step `k` splits runs of `8 >> k` codes: the lower half stays (`field` bits at `lo`), the upper half
+    // moves up by `(4 >> k)·(4 − bits)` bits.
+    let mut spread = [(
+        _mm256_setzero_si256(),
+        _mm256_setzero_si256(),
+        _mm_setzero_si128(),
+    ); 3];
+    for (k, st) in spread.iter_mut().enumerate() {
+        let (h, m) = (4 >> k, 8 >> k);
+        let field = (1u32 << (h * bits)) - 1;
+        let lo = (0..32 / (4 * m)).fold(0u32, |a, i| a | field << (4 * m * i));
+        *st = (
+            _mm256_set1_epi32(lo as i32),
+            _mm256_set1_epi32((lo << (h * bits)) as i32),
+            _mm_cvtsi32_si128((h * (4 - bits)) as i32),
+        );
+    }
+    let p = bytes.as_ptr();
+    for s in 0..steps {
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(s * 8 * b + PREFETCH) as *const i8);
+            let at = p.add(s * 8 * b) as *const i32;
+            let v = _mm256_set_m128i(
+                _mm_maskload_epi32(at.add(b), load),
+                _mm_maskload_epi32(at, load),
+            );
+            let mut x = _mm256_shuffle_epi8(v, order);
+            for &(lo, hi, shift) in &spread {
+                let up = _mm256_sll_epi32(_mm256_and_si256(x, hi), shift);
+                x = _mm256_or_si256(_mm256_and_si256(x, lo), up);
+            }
+            _mm256_storeu_si256(out.as_mut_ptr().add(32 * s) as *mut __m256i, x);
+        }
+    }
+    crate::quant::affine::widen(&bytes[steps * 8 * b..], bits, &mut out[steps * 32..len]);
+    len
 }
 
 /// [`crate::quant::affine::widen`] with AVX-512 VBMI, 64 codes per step: `vpermb` gives each 64-bit lane the
@@ -2610,6 +2691,33 @@ unsafe fn dot4_f32_avx512_xn_g32<const N: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// AVX2 widening writes the scalar widening's bytes: 2- and 3-bit rows of whole 64-code steps, a 32-code
+    /// tail, and one step only (its masked loads stay in the row).
+    #[test]
+    fn avx2_widening_equals_the_scalar_one() {
+        if !has_avx2() {
+            return;
+        }
+        let mut seed = 0x9e37_79b9u32;
+        for bits in [2u32, 3] {
+            for codes in [32usize, 64, 96, 128, 2048, 2080] {
+                let bytes: Vec<u8> = (0..codes * bits as usize / 8)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                        (seed >> 24) as u8
+                    })
+                    .collect();
+                let mut want = vec![0u8; codes / 2];
+                crate::quant::affine::widen(&bytes, bits, &mut want);
+                let mut got = vec![0xaau8; codes / 2 + 8];
+                let n = unsafe { widen_avx2(&bytes, bits, &mut got) };
+                assert_eq!(n, codes / 2);
+                assert_eq!(got[..n], want[..], "{bits}-bit, {codes} codes");
+                assert!(got[n..].iter().all(|&b| b == 0xaa));
+            }
+        }
+    }
 
     /// Token `t`, column `c` lands in column `c` of its block of 32 tokens (16 when 16 are left), at the
     /// token's place in the block.
