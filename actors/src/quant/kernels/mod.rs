@@ -794,8 +794,8 @@ trait Dots {
 
     /// int8 activations of [`LANE_TOKENS`] or more tokens, or f32 ones of [`TILE_TOKENS`] or more as three
     /// int8 slices (`f32_lanes`), against rows `rows` of 4-bit matrix `m` in the MLX layout, sixteen rows per
-    /// register, where this set has a kernel for it: it stores the outputs of the
-    /// tokens from the first and returns how many (0: none).
+    /// register, where this set has a kernel for it: it stores the outputs of the tokens from the first and
+    /// returns how many (0: none).
     #[inline(always)]
     fn int8_lanes(
         _m: &AffineMatrix,

@@ -1598,7 +1598,8 @@ unsafe fn units_pass<const CHUNKS: usize, const N: usize, const EXACT: bool, con
 
 /// int8 tokens, or f32 ones as three int8 slices ([`Prepared::xl`]), against 4-bit rows `rows` in the MLX
 /// layout, sixteen rows per register: each block of sixteen rows is unpacked once into a tile in the form the
-/// 4-bit matrices are stored in at load (per pair of 4-code words, the sixteen rows' two words in nibbles), with its scales and biases per group, and [`lanes_pass`] takes it as it takes those.
+/// 4-bit matrices are stored in at load (per pair of 4-code words, the sixteen rows' two words in nibbles),
+/// with its scales and biases per group, and [`lanes_pass`] takes it as it takes those.
 /// No shuffles, permutations or horizontal sums in the loop, and each output register is sixteen consecutive
 /// outputs of a token.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
