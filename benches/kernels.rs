@@ -31,13 +31,19 @@ fn kernels(c: &mut Criterion) {
             .map(|i| (i % 17) as f32 / 17.0 - 0.5)
             .collect();
         for bits in [2, 3, 4, 5, 6, 8] {
-            let m = matrix(rows, cols, bits);
-            g.throughput(Throughput::Bytes(m.weight_bytes() as u64));
+            let mlx = matrix(rows, cols, bits);
+            g.throughput(Throughput::Bytes(mlx.weight_bytes() as u64));
+            // AVX-512 reads the rows as the loader stores them: in lanes where its kernels take that layout.
+            let laned = lanes_apply(&mlx).then(|| stored_in_lanes(&mlx));
             for isa in Isa::available() {
+                let m = match (&laned, isa) {
+                    (Some(l), Isa::Avx512 | Isa::Amx) => l,
+                    _ => &mlx,
+                };
                 for act in [Activations::F32, Activations::Int8] {
                     let id = BenchmarkId::new(format!("{isa:?}-{act:?}"), format!("{bits}bit"));
                     let mut y = vec![0f32; tokens * rows];
-                    g.bench_with_input(id, &m, |b, m| {
+                    g.bench_with_input(id, m, |b, m| {
                         b.iter(|| affine_matmul_isa(isa, m, &x, &mut y, act))
                     });
                 }
