@@ -1604,6 +1604,10 @@ unsafe fn units_pass<const CHUNKS: usize, const N: usize, const EXACT: bool, con
 /// outputs of a token.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops::Range<usize>) {
+    debug_assert_eq!(
+        m.bits, 4,
+        "2- and 3-bit rows reach `lanes_pass` stored in lanes, not through this tile"
+    );
     let (cols, gpr, rb) = (m.cols, m.groups_per_row(), m.row_bytes());
     // The per-thread tile ([`take_tile`], every byte written before it is read), as bytes: the block in the
     // stored-lanes form (`super::lanes_codes`: per pair of words, 64 bytes; `8 · cols`), then its sixteen rows
@@ -1636,9 +1640,8 @@ unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops:
         }
         for k in 0..16 {
             let dst = &mut codes[k * cols..(k + 1) * cols];
-            let packed = || &m.packed[(r + k) * rb..(r + k + 1) * rb];
             if k < n {
-                unsafe { unpack_nibbles(packed(), dst) };
+                unsafe { unpack_nibbles(&m.packed[(r + k) * rb..(r + k + 1) * rb], dst) };
             } else {
                 dst.fill(0);
             }
