@@ -11,7 +11,7 @@
 //!   (below). **5- and 6-bit** rows are widened to a byte per code.
 //!
 //! - **The 4-bit rows the model applies whole** (MLPs, attention projections, `lm_head`) on AVX-512 + VNNI
-//!   (int8 activations; f32 ones as three int8 slices), and **2- and 3-bit** ones with VBMI too: the rows are
+//!   (int8 activations; f32 ones as three int8 slices), **2-bit** ones, and **3-bit** ones with VBMI: the rows are
 //!   stored at load in the rows-in-lanes order ([`AffineMatrix::lanes`], [`lanes_codes`]; still `bits` bits a
 //!   code), and every token count, one included, takes that kernel with no tile to build.
 //! - **Twelve or more f32 tokens** on AVX-512 where the rows-in-lanes kernel does not take them (with AMX,
@@ -1055,21 +1055,22 @@ const TILE_TOKENS: usize = 12;
 #[cfg(target_arch = "x86_64")]
 const LANE_TOKENS: usize = 16;
 
-/// Whether the loader stores `m`'s rows in lanes ([`AffineMatrix::lanes`]): 4-bit rows in groups of a multiple
-/// of 64 on a CPU with AVX-512 + VNNI (2- and 3-bit ones with VBMI too), for int8 activations and for f32 ones
+/// Whether the loader stores `m`'s rows in lanes ([`AffineMatrix::lanes`]): 2- and 4-bit rows in groups of a
+/// multiple of 64 on a CPU with AVX-512 + VNNI (3-bit ones with VBMI too), for int8 activations and for f32 ones
 /// (three int8 slices). The rows-in-lanes kernel then takes all of its tokens, from one (decode) up, with no
 /// tile to build per call.
 /// 2- and 3-bit rows had been widened per call (bench shape, `synth --bits B`, EPYC, f32, three interleaved
 /// rounds, medians): 3-bit decode 70.8 → 100.2 tok/s, a 64-token prefill 182.2 → 250.4; int8 86.8 → 127.2
-/// and 260.4 → 365.5; 2-bit 74.9 → 119.6 and 222.4 → 279.7.
+/// and 260.4 → 365.5; 2-bit 74.9 → 119.6 and 222.4 → 279.7, and with four words to 64 bytes (no VBMI) instead
+/// of a pair to 32 (unpacked as 3-bit pairs are) 118.4 → 154.4 and 272.0 → 328.0.
 /// With AMX too, whose tiles read the MLX layout: on a Xeon VM with AMX (bench model, f32, interleaved runs
 /// against the AMX tiles for five or more tokens), decode of 300 tokens 77.9–78.2 → 81.6–83.5 tok/s, a
 /// 64-token prefill 258.6–260.9 → 266.2–276.4, a 2048-token one the same (229.2 → 228.5).
 pub fn lanes_apply(m: &AffineMatrix) -> bool {
     #[cfg(target_arch = "x86_64")]
-    let bits = m.bits == 4 || (matches!(m.bits, 2 | 3) && x86::has_vbmi());
+    let bits = matches!(m.bits, 2 | 4) || (m.bits == 3 && x86::has_vbmi());
     #[cfg(not(target_arch = "x86_64"))]
-    let bits = m.bits == 4;
+    let bits = matches!(m.bits, 2 | 4);
     bits && m.group.is_multiple_of(64)
         && m.cols.is_multiple_of(m.group)
         && matches!(Isa::detect(), Isa::Avx512 | Isa::Amx)
@@ -1084,17 +1085,6 @@ pub fn lanes_sizes(m: &AffineMatrix) -> (usize, usize) {
     )
 }
 
-/// Where code `i` (0..8) of a row's pair of 4-code words sits in the row's `bits` bytes of the pair, stored in
-/// lanes: 4-bit, word `2p`'s codes in the low nibbles of the four bytes and word `2p + 1`'s in the high ones (one
-/// AND and one shift apart); 2- and 3-bit, the eight codes one after another from bit 0.
-fn lane_shift(bits: u32, i: usize) -> u32 {
-    if bits == 4 {
-        (8 * (i % 4) + 4 * (i / 4)) as u32
-    } else {
-        bits * i as u32
-    }
-}
-
 /// The column of code `j` of a row in nibble order (the order the int8 activations are prepared in): per 64
 /// codes, the 32 even columns, then the 32 odd ones.
 fn nibble_column(j: usize) -> usize {
@@ -1103,22 +1093,58 @@ fn nibble_column(j: usize) -> usize {
 }
 
 /// `m`'s codes in the order of [`AffineMatrix::lanes`] into `dst` ([`lanes_sizes`]): rows in blocks of sixteen
-/// (the last padded with zero rows); per block and pair of 4-code words in nibble order ([`nibble_column`]),
-/// `16 · bits` bytes, row `k`'s eight codes in bytes `bits·k..bits·(k + 1)` ([`lane_shift`]).
+/// (the last padded with zero rows), each block's 4-code words in nibble order ([`nibble_column`]):
+/// - 2 and 4 bits: per `8 / bits` words, 64 bytes, row `k`'s in bytes `4k..4k + 4`, byte `j` holding code `j`
+///   of each of the words, word `i` at bits `bits·i` (one shift and one AND apart);
+/// - 3 bits: per pair of words, 48 bytes, row `k`'s eight codes (the first word's, then the second's) one
+///   after another from bit 0 of bytes `3k..3k + 3`.
 pub fn lanes_codes(m: &AffineMatrix, dst: &mut [u8]) {
     debug_assert!(matches!(m.bits, 2..=4) && m.cols.is_multiple_of(64));
     debug_assert_eq!(dst.len(), lanes_sizes(m).0);
     match m.bits {
-        2 => lanes_codes_of::<2>(m, dst),
-        3 => lanes_codes_of::<3>(m, dst),
+        2 => lanes_codes2(m, dst),
+        3 => lanes_codes3(m, dst),
         _ => lanes_codes4(m, dst),
     }
 }
 
-/// [`lanes_codes`] for 2- and 3-bit rows, from the packed rows: pair `q` of a 64-code chunk ([`nibble_column`])
-/// is the even codes of the chunk's codes `16q..16q + 16` for `q < 4`, else the odd ones of `16(q - 4)..`,
-/// and sixteen codes are `2 · BITS` whole bytes.
-fn lanes_codes_of<const BITS: u32>(m: &AffineMatrix, dst: &mut [u8]) {
+/// [`lanes_codes`] for 2-bit rows, from the packed rows: the words of a 64-code chunk ([`nibble_column`]) are
+/// the even codes of its four runs of sixteen (4 bytes each; words `2t`, `2t + 1` from run `t`), then the odd
+/// ones (words `8 + 2t`, `9 + 2t`).
+fn lanes_codes2(m: &AffineMatrix, dst: &mut [u8]) {
+    let (cols, rb) = (m.cols, m.row_bytes());
+    let last = dst.len().saturating_sub(4 * cols);
+    dst[last..].fill(0);
+    // A word's four codes (8 bits) to bits 0..2 of four bytes.
+    let spread = |w: u32| (w & 0x3) | (w & 0xc) << 6 | (w & 0x30) << 12 | (w & 0xc0) << 18;
+    for (r, row) in m.packed.chunks_exact(rb).enumerate() {
+        let (b, k) = (r / 16, r % 16);
+        let block = &mut dst[b * 4 * cols..(b + 1) * 4 * cols];
+        for (chunk, quads) in row.chunks_exact(16).zip(block.chunks_exact_mut(256)) {
+            // Two words per 16 bits: the even codes of the four runs, then their odd codes.
+            let mut pairs = [0u32; 8];
+            for (t, run) in chunk.chunks_exact(4).enumerate() {
+                let run = u32::from_le_bytes([run[0], run[1], run[2], run[3]]) as u64;
+                pairs[t] = even_codes::<2>(run) as u32;
+                pairs[4 + t] = even_codes::<2>(run >> 2) as u32;
+            }
+            for (q, quad) in quads.chunks_exact_mut(64).enumerate() {
+                let (a, h) = (pairs[2 * q], pairs[2 * q + 1]);
+                let v = spread(a & 0xff)
+                    | spread(a >> 8) << 2
+                    | spread(h & 0xff) << 4
+                    | spread(h >> 8) << 6;
+                quad[4 * k..4 * k + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// [`lanes_codes`] for 3-bit rows, from the packed rows: pair `q` of a 64-code chunk ([`nibble_column`]) is the
+/// even codes of the chunk's codes `16q..16q + 16` for `q < 4`, else the odd ones of `16(q - 4)..`, and
+/// sixteen codes are six whole bytes.
+fn lanes_codes3(m: &AffineMatrix, dst: &mut [u8]) {
+    const BITS: u32 = 3;
     let (cols, bits, rb) = (m.cols, BITS as usize, m.row_bytes());
     let (block_bytes, pair_bytes) = (2 * bits * cols, 16 * bits);
     // The last block, whose padding rows are not written below.
@@ -1155,10 +1181,10 @@ fn even_codes<const B: u32>(x: u64) -> u64 {
         }
         m
     }
-    let x = x & every(B, 2 * B, 8);
-    let x = (x | x >> B) & every(2 * B, 4 * B, 4);
-    let x = (x | x >> (2 * B)) & every(4 * B, 8 * B, 2);
-    (x | x >> (4 * B)) & every(8 * B, 16 * B, 1)
+    let x = x & const { every(B, 2 * B, 8) };
+    let x = (x | x >> B) & const { every(2 * B, 4 * B, 4) };
+    let x = (x | x >> (2 * B)) & const { every(4 * B, 8 * B, 2) };
+    (x | x >> (4 * B)) & const { every(8 * B, 16 * B, 1) }
 }
 
 /// [`lanes_codes`] for 4-bit rows, a 32-bit word of the row at a time (a code at a time, the bench model
@@ -1196,12 +1222,24 @@ pub fn lanes_row_codes(m: &AffineMatrix, r: usize, codes: &mut [u8]) {
     let (cols, bits, k) = (m.cols, m.bits as usize, r % 16);
     let block = &m.packed[r / 16 * 2 * bits * cols..(r / 16 + 1) * 2 * bits * cols];
     let mask = (1u32 << m.bits) - 1;
-    for (p, pair) in block.chunks_exact(16 * bits).enumerate() {
-        let mut b = [0u8; 4];
-        b[..bits].copy_from_slice(&pair[bits * k..bits * (k + 1)]);
-        let word = u32::from_le_bytes(b);
-        for i in 0..8 {
-            codes[nibble_column(8 * p + i)] = (word >> lane_shift(m.bits, i) & mask) as u8;
+    // Code `j` of word `w` (in nibble order) from bit 0 of `v`.
+    let mut put = |w: usize, j: usize, v: u32| codes[nibble_column(4 * w + j)] = (v & mask) as u8;
+    if bits == 3 {
+        for (p, pair) in block.chunks_exact(48).enumerate() {
+            let v = u32::from_le_bytes([pair[3 * k], pair[3 * k + 1], pair[3 * k + 2], 0]);
+            for i in 0..8 {
+                put(2 * p + i / 4, i % 4, v >> (3 * i));
+            }
+        }
+    } else {
+        let per = 8 / bits;
+        for (q, words) in block.chunks_exact(64).enumerate() {
+            for j in 0..4 {
+                let byte = words[4 * k + j] as u32;
+                for i in 0..per {
+                    put(per * q + i, j, byte >> (bits * i));
+                }
+            }
         }
     }
 }
@@ -1818,12 +1856,12 @@ mod tests {
         }
     }
 
-    /// 2-, 3- and 4-bit rows (2 and 3 where the CPU has VBMI).
+    /// 2-, 3- and 4-bit rows (3 where the CPU has VBMI).
     #[cfg(target_arch = "x86_64")]
     fn lane_bits() -> Vec<u32> {
         [2, 3, 4]
             .into_iter()
-            .filter(|&b| b == 4 || x86::has_vbmi())
+            .filter(|&b| b != 3 || x86::has_vbmi())
             .collect()
     }
 

@@ -167,7 +167,7 @@ impl Dots for Avx512 {
         out: &Out,
         rows: std::ops::Range<usize>,
     ) -> usize {
-        // 2- and 3-bit rows take it stored in lanes (`super::lanes_apply`), not through this tile.
+        // 2- and 3-bit rows reach the rows-in-lanes kernel only stored in lanes (`super::lanes_apply`).
         if m.bits != 4 {
             return 0;
         }
@@ -1689,8 +1689,8 @@ unsafe fn int8_lanes(m: &AffineMatrix, px: &Prepared, out: &Out, rows: std::ops:
 
 /// Tokens (int8, or f32 as three int8 slices) against rows `rows` (from a block's first) of a matrix stored in
 /// lanes ([`super::lanes_codes`]): [`int8_lanes`] without the tile to build, each pair of a block's 4-code
-/// words unpacked in registers from its `16 · bits` bytes ([`PairCodes`]). `pick`: the call's tokens are
-/// `px`'s tokens `pick` (each below `px.tokens`). Panics on 2- or 3-bit rows without VBMI.
+/// words unpacked in registers ([`PairCodes`]). `pick`: the call's tokens are `px`'s tokens `pick` (each
+/// below `px.tokens`). Panics on 3-bit rows without VBMI.
 ///
 /// # Safety
 /// Needs AVX-512 F/BW/VL + VNNI; `px` holds every token's slices in nibble order ([`Prepared::xl`]), `rows`
@@ -1705,9 +1705,8 @@ pub(super) unsafe fn lanes_stored(
 ) {
     let cols = m.cols;
     assert!(
-        m.bits == 4 || has_vbmi(),
-        "{}-bit rows stored in lanes need AVX-512 VBMI",
-        m.bits
+        m.bits != 3 || has_vbmi(),
+        "3-bit rows stored in lanes need AVX-512 VBMI"
     );
     let block_bytes = 2 * m.bits as usize * cols;
     let block_scales = 16 * m.groups_per_row() * m.scale_type.size();
@@ -1741,7 +1740,7 @@ struct LaneRows {
     scales: *const u8,
     biases: *const u8,
     st: ScaleType,
-    /// 2, 3 or 4 (2 and 3 with VBMI only).
+    /// 2, 3 or 4 (3 with VBMI only).
     bits: u32,
     /// The codes stream from memory (prefetched ahead), not from a tile in cache.
     stream: bool,
@@ -1765,15 +1764,15 @@ unsafe fn lanes_block(l: &LaneRows, px: &Prepared, pick: Option<&[u32]>, out: &O
     for k in 0..blocks {
         let (t0, t1) = (tokens * k / blocks, tokens * (k + 1) / blocks);
         let (at, n) = (Picked { pick, t0 }, t1 - t0);
-        // SAFETY: 2- and 3-bit rows reach here through `lanes_stored`, which checks VBMI.
+        // SAFETY: 3-bit rows reach here through `lanes_stored`, which checks VBMI.
         unsafe {
             match (exact, l.bits) {
-                (true, 4) => lanes_tokens::<true>(l, px, out, at, n),
-                (false, 4) => lanes_tokens::<false>(l, px, out, at, n),
-                (true, 3) => lanes_tokens_vbmi::<true, 3>(l, px, out, at, n),
-                (false, 3) => lanes_tokens_vbmi::<false, 3>(l, px, out, at, n),
-                (true, _) => lanes_tokens_vbmi::<true, 2>(l, px, out, at, n),
-                (false, _) => lanes_tokens_vbmi::<false, 2>(l, px, out, at, n),
+                (true, 4) => lanes_tokens::<true, 4>(l, px, out, at, n),
+                (false, 4) => lanes_tokens::<false, 4>(l, px, out, at, n),
+                (true, 3) => lanes_tokens_vbmi::<true>(l, px, out, at, n),
+                (false, 3) => lanes_tokens_vbmi::<false>(l, px, out, at, n),
+                (true, _) => lanes_tokens::<true, 2>(l, px, out, at, n),
+                (false, _) => lanes_tokens::<false, 2>(l, px, out, at, n),
             }
         }
     }
@@ -1797,23 +1796,23 @@ impl Picked<'_> {
     }
 }
 
-/// [`lanes_pass`] for the `n` tokens of block `at`, 4-bit rows.
+/// [`lanes_pass`] for the `n` tokens of block `at`, 2- or 4-bit rows.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn lanes_tokens<const EXACT: bool>(
+unsafe fn lanes_tokens<const EXACT: bool, const BITS: u32>(
     l: &LaneRows,
     px: &Prepared,
     out: &Out,
     at: Picked,
     n: usize,
 ) {
-    unsafe { lanes_tokens_of::<EXACT, 4>(l, px, out, at, n) }
+    unsafe { lanes_tokens_of::<EXACT, BITS>(l, px, out, at, n) }
 }
 
-/// [`lanes_tokens`] for 2- and 3-bit rows, whose pairs [`PairCodes`] unpacks with VBMI.
+/// [`lanes_tokens`] for 3-bit rows, whose pairs [`PairCodes`] unpacks with VBMI.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma")]
-unsafe fn lanes_tokens_vbmi<const EXACT: bool, const BITS: u32>(
+unsafe fn lanes_tokens_vbmi<const EXACT: bool>(
     l: &LaneRows,
     px: &Prepared,
     out: &Out,
@@ -1821,7 +1820,7 @@ unsafe fn lanes_tokens_vbmi<const EXACT: bool, const BITS: u32>(
     n: usize,
 ) {
     debug_assert!(has_vbmi());
-    unsafe { lanes_tokens_of::<EXACT, BITS>(l, px, out, at, n) }
+    unsafe { lanes_tokens_of::<EXACT, 3>(l, px, out, at, n) }
 }
 
 #[inline(always)]
@@ -1846,10 +1845,11 @@ unsafe fn lanes_tokens_of<const EXACT: bool, const BITS: u32>(
     }
 }
 
-/// How [`lanes_pass`] unpacks a pair of 4-code words of sixteen `BITS`-bit rows stored in lanes (`16 · BITS`
-/// bytes, [`super::lanes_codes`]) into the two words' codes, a byte each, row `k`'s in bytes `4k..4k + 4`:
-/// 4-bit, one load, one AND, one shift and one AND; 2- and 3-bit, a masked load, one `vpermb` that gives each
-/// row its own 32-bit lane, and per word one `vpmultishiftqb` and one AND.
+/// How [`lanes_pass`] unpacks a pair of 4-code words of sixteen `BITS`-bit rows stored in lanes
+/// ([`super::lanes_codes`]) into the two words' codes, a byte each, row `k`'s in bytes `4k..4k + 4`: 4-bit,
+/// one load, one AND, one shift and one AND; 2-bit, the same from the pair's half of 64 bytes (one shift
+/// more for the second half); 3-bit, a masked load of the pair's 48 bytes, one `vpermb` that gives each row
+/// its own 32-bit lane, and per word one `vpmultishiftqb` and one AND.
 struct PairCodes<const BITS: u32> {
     idx: __m512i,
     ctl: [__m512i; 2],
@@ -1861,23 +1861,21 @@ impl<const BITS: u32> PairCodes<BITS> {
     /// Needs AVX-512 F.
     #[inline(always)]
     unsafe fn new() -> Self {
-        const fn tables(bits: usize) -> [[u8; 64]; 3] {
+        // 3-bit: byte `o` is byte `j` of row `k`'s lane; the row's value starts at bit `32·(k % 2)` of its
+        // 64-bit lane, and its code `i` at bit `3i` of the value.
+        static TABLES: [[u8; 64]; 3] = {
             let mut t = [[0u8; 64]; 3];
             let mut o = 0;
             while o < 64 {
-                // Byte `o` is byte `j` of row `k`'s lane; the row's value starts at bit `32·(k % 2)` of its
-                // 64-bit lane, and its code `i` at bit `bits·i` of the value.
                 let (k, j) = (o / 4, o % 4);
-                t[0][o] = (bits * k + j) as u8;
-                t[1][o] = (32 * (k % 2) + bits * j) as u8;
-                t[2][o] = (32 * (k % 2) + bits * (4 + j)) as u8;
+                t[0][o] = (3 * k + j) as u8;
+                t[1][o] = (32 * (k % 2) + 3 * j) as u8;
+                t[2][o] = (32 * (k % 2) + 3 * (4 + j)) as u8;
                 o += 1;
             }
             t
-        }
-        static TABLES: [[[u8; 64]; 3]; 2] = [tables(2), tables(3)];
-        let t = &TABLES[(BITS as usize).min(3) - 2];
-        let load = |i: usize| unsafe { _mm512_loadu_si512(t[i].as_ptr() as *const _) };
+        };
+        let load = |i: usize| unsafe { _mm512_loadu_si512(TABLES[i].as_ptr() as *const _) };
         PairCodes {
             idx: load(0),
             ctl: [load(1), load(2)],
@@ -1885,27 +1883,37 @@ impl<const BITS: u32> PairCodes<BITS> {
         }
     }
 
-    /// The two words of the pair at `p`.
+    /// The two words of pair `p` of the block of codes at `codes`; `odd`: `p` is odd.
     ///
     /// # Safety
-    /// Needs AVX-512 F/BW, and VBMI for 2 and 3 bits; `p` points at `16 · BITS` readable bytes.
+    /// Needs AVX-512 F/BW, and VBMI for 3 bits; pair `p` is in the block.
     #[inline(always)]
-    unsafe fn words(&self, p: *const u8) -> [__m512i; 2] {
+    unsafe fn words(&self, codes: *const u8, p: usize, odd: bool) -> [__m512i; 2] {
         unsafe {
-            if BITS == 4 {
-                let v = _mm512_loadu_si512(p as *const _);
-                [
-                    _mm512_and_si512(v, self.mask),
-                    _mm512_and_si512(_mm512_srli_epi16(v, 4), self.mask),
-                ]
-            } else {
-                let load: __mmask64 = u64::MAX >> (64 - 16 * BITS);
-                let v = _mm512_maskz_loadu_epi8(load, p as *const i8);
-                let v = _mm512_permutexvar_epi8(self.idx, v);
-                [
-                    _mm512_and_si512(_mm512_multishift_epi64_epi8(self.ctl[0], v), self.mask),
-                    _mm512_and_si512(_mm512_multishift_epi64_epi8(self.ctl[1], v), self.mask),
-                ]
+            match BITS {
+                4 => {
+                    let v = _mm512_loadu_si512(codes.add(64 * p) as *const _);
+                    [
+                        _mm512_and_si512(v, self.mask),
+                        _mm512_and_si512(_mm512_srli_epi16(v, 4), self.mask),
+                    ]
+                }
+                2 => {
+                    let v = _mm512_loadu_si512(codes.add(64 * (p / 2)) as *const _);
+                    let v = if odd { _mm512_srli_epi16(v, 4) } else { v };
+                    [
+                        _mm512_and_si512(v, self.mask),
+                        _mm512_and_si512(_mm512_srli_epi16(v, 2), self.mask),
+                    ]
+                }
+                _ => {
+                    let v = _mm512_maskz_loadu_epi8(!0 >> 16, codes.add(48 * p) as *const i8);
+                    let v = _mm512_permutexvar_epi8(self.idx, v);
+                    [
+                        _mm512_and_si512(_mm512_multishift_epi64_epi8(self.ctl[0], v), self.mask),
+                        _mm512_and_si512(_mm512_multishift_epi64_epi8(self.ctl[1], v), self.mask),
+                    ]
+                }
             }
         }
     }
@@ -1950,25 +1958,30 @@ unsafe fn lanes_pass<const T: usize, const EXACT: bool, const H: usize, const BI
             for p0 in (g * pairs..(g + 1) * pairs).step_by(span) {
                 let mut sq = [[_mm512_setzero_si512(); T]; H];
                 let (mut sr, mut ss) = (sq, sq);
-                for p in p0..p0 + span {
-                    let at = l.codes.wrapping_add(16 * BITS as usize * p);
-                    if l.stream {
-                        // The block's bytes ahead into L1, and further on (the next blocks) into L2.
-                        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH) as *const i8);
-                        _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PASS_AHEAD) as *const i8);
-                    }
-                    // Pair `p < cols / 8` of the block.
-                    let words = codes.words(at);
-                    for (h, c) in words.iter().enumerate() {
-                        let (w, k) = (2 * p + h, h % H);
-                        for t in 0..T {
-                            // Word `w < cols / 4` of each of token `t0 + t`'s slices.
-                            let (q, r) = (*x[t].add(w), *x[t].add(rw + w));
-                            sq[k][t] = _mm512_dpbusd_epi32(sq[k][t], *c, _mm512_set1_epi32(q));
-                            sr[k][t] = _mm512_dpbusd_epi32(sr[k][t], *c, _mm512_set1_epi32(r));
-                            if EXACT {
-                                let f = *x[t].add(2 * rw + w);
-                                ss[k][t] = _mm512_dpbusd_epi32(ss[k][t], *c, _mm512_set1_epi32(f));
+                // Pairs in twos (spans are even): whether a pair is its two's second is then known where
+                // the unrolled loop unpacks it (2-bit pairs share 64 bytes).
+                for two in (p0..p0 + span).step_by(2) {
+                    for (p, odd) in [(two, false), (two + 1, true)] {
+                        let at = l.codes.wrapping_add(16 * BITS as usize * p);
+                        if l.stream {
+                            // The block's bytes ahead into L1, and further on (the next blocks) into L2.
+                            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PASS_AHEAD) as *const i8);
+                        }
+                        // Pair `p < cols / 8` of the block.
+                        let words = codes.words(l.codes, p, odd);
+                        for (h, c) in words.iter().enumerate() {
+                            let (w, k) = (2 * p + h, h % H);
+                            for t in 0..T {
+                                // Word `w < cols / 4` of each of token `t0 + t`'s slices.
+                                let (q, r) = (*x[t].add(w), *x[t].add(rw + w));
+                                sq[k][t] = _mm512_dpbusd_epi32(sq[k][t], *c, _mm512_set1_epi32(q));
+                                sr[k][t] = _mm512_dpbusd_epi32(sr[k][t], *c, _mm512_set1_epi32(r));
+                                if EXACT {
+                                    let f = *x[t].add(2 * rw + w);
+                                    ss[k][t] =
+                                        _mm512_dpbusd_epi32(ss[k][t], *c, _mm512_set1_epi32(f));
+                                }
                             }
                         }
                     }
