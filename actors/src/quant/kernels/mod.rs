@@ -1101,6 +1101,9 @@ fn nibble_column(j: usize) -> usize {
 pub fn lanes_codes(m: &AffineMatrix, dst: &mut [u8]) {
     debug_assert!(matches!(m.bits, 2..=4) && m.cols.is_multiple_of(64));
     debug_assert_eq!(dst.len(), lanes_sizes(m).0);
+    // The last block, whose padding rows the conversions do not write.
+    let last = dst.len().saturating_sub(2 * m.bits as usize * m.cols);
+    dst[last..].fill(0);
     match m.bits {
         2 => lanes_codes2(m, dst),
         3 => lanes_codes3(m, dst),
@@ -1113,8 +1116,6 @@ pub fn lanes_codes(m: &AffineMatrix, dst: &mut [u8]) {
 /// ones (words `8 + 2t`, `9 + 2t`).
 fn lanes_codes2(m: &AffineMatrix, dst: &mut [u8]) {
     let (cols, rb) = (m.cols, m.row_bytes());
-    let last = dst.len().saturating_sub(4 * cols);
-    dst[last..].fill(0);
     // A word's four codes (8 bits) to bits 0..2 of four bytes.
     let spread = |w: u32| (w & 0x3) | (w & 0xc) << 6 | (w & 0x30) << 12 | (w & 0xc0) << 18;
     for (r, row) in m.packed.chunks_exact(rb).enumerate() {
@@ -1144,26 +1145,19 @@ fn lanes_codes2(m: &AffineMatrix, dst: &mut [u8]) {
 /// even codes of the chunk's codes `16q..16q + 16` for `q < 4`, else the odd ones of `16(q - 4)..`, and
 /// sixteen codes are six whole bytes.
 fn lanes_codes3(m: &AffineMatrix, dst: &mut [u8]) {
-    const BITS: u32 = 3;
-    let (cols, bits, rb) = (m.cols, BITS as usize, m.row_bytes());
-    let (block_bytes, pair_bytes) = (2 * bits * cols, 16 * bits);
-    // The last block, whose padding rows are not written below.
-    let last = dst.len().saturating_sub(block_bytes);
-    dst[last..].fill(0);
+    let (cols, rb) = (m.cols, m.row_bytes());
+    let block_bytes = 6 * cols;
     for (r, row) in m.packed.chunks_exact(rb).enumerate() {
         let (b, k) = (r / 16, r % 16);
         let block = &mut dst[b * block_bytes..(b + 1) * block_bytes];
-        for (chunk, pairs) in row
-            .chunks_exact(8 * bits)
-            .zip(block.chunks_exact_mut(8 * pair_bytes))
-        {
-            for (q, pair) in pairs.chunks_exact_mut(pair_bytes).enumerate() {
-                let at = 2 * bits * (q % 4);
+        // A chunk is 24 bytes in, eight pairs of 48 bytes out.
+        for (chunk, pairs) in row.chunks_exact(24).zip(block.chunks_exact_mut(384)) {
+            for (q, pair) in pairs.chunks_exact_mut(48).enumerate() {
+                let at = 6 * (q % 4);
                 let mut w = [0u8; 8];
-                w[..2 * bits].copy_from_slice(&chunk[at..at + 2 * bits]);
-                let sixteen = u64::from_le_bytes(w) >> (BITS as usize * (q / 4));
-                let word = even_codes::<BITS>(sixteen);
-                pair[bits * k..bits * (k + 1)].copy_from_slice(&word.to_le_bytes()[..bits]);
+                w[..6].copy_from_slice(&chunk[at..at + 6]);
+                let word = even_codes::<3>(u64::from_le_bytes(w) >> (3 * (q / 4)));
+                pair[3 * k..3 * k + 3].copy_from_slice(&word.to_le_bytes()[..3]);
             }
         }
     }
@@ -1191,9 +1185,6 @@ fn even_codes<const B: u32>(x: u64) -> u64 {
 /// loaded in ~2.2 s instead of ~0.65).
 fn lanes_codes4(m: &AffineMatrix, dst: &mut [u8]) {
     let (cols, rb) = (m.cols, m.row_bytes());
-    // The last block, whose padding rows are not written below.
-    let last = dst.len().saturating_sub(8 * cols);
-    dst[last..].fill(0);
     let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     for (r, row) in m.packed.chunks_exact(rb).enumerate() {
         let (b, k) = (r / 16, r % 16);

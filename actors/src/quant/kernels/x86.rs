@@ -1875,7 +1875,14 @@ impl<const BITS: u32> PairCodes<BITS> {
             }
             t
         };
-        let load = |i: usize| unsafe { _mm512_loadu_si512(TABLES[i].as_ptr() as *const _) };
+        // Only 3-bit pairs read the tables.
+        let load = |i: usize| unsafe {
+            if BITS == 3 {
+                _mm512_loadu_si512(TABLES[i].as_ptr() as *const _)
+            } else {
+                _mm512_setzero_si512()
+            }
+        };
         PairCodes {
             idx: load(0),
             ctl: [load(1), load(2)],
