@@ -45,7 +45,7 @@ pub struct AffineMatrix {
     pub scale_type: ScaleType,
     /// f32 (exact) or int8 (fast) activations.
     pub activations: Activations,
-    /// 2-, 3- or 4-bit rows stored at load sixteen to a block in the order of the rows-in-lanes kernel, with their
+    /// 2- to 6- or 8-bit rows stored at load sixteen to a block in the order of the rows-in-lanes kernel, with their
     /// scales and biases per block and group (`kernels::lanes_codes`, `kernels::lanes_scales`): the AVX-512 +
     /// VNNI rows-in-lanes kernel multiplies such a matrix, with int8 activations or f32 ones as three int8
     /// slices (no other kernel does); the dequantizing readers read it back.

@@ -275,7 +275,7 @@ impl Weights {
         })
     }
 
-    /// The 2-, 3- and 4-bit matrices the kernels apply whole — the MLPs' (experts, shared experts, dense
+    /// The matrices the kernels apply whole — the MLPs' (experts, shared experts, dense
     /// layers), the attention's projections but `kv_b_proj` (cut per head and dequantized), `lm_head` — stored
     /// in the order of the kernel with rows in lanes, where this CPU has it ([`kernels::lanes_apply`]); `None`
     /// for the others. Readers that dequantize or read rows still read such a matrix right, only slower.

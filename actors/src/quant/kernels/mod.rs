@@ -8,10 +8,11 @@
 //!   multiple of 256) also have their chunks' blocks transposed per [`UNIT`] ([`transpose_units`]).
 //! - **8-bit** rows are their own codes. **2- and 3-bit** rows are widened to 4-bit rows (64-bit word
 //!   arithmetic; AVX-512 VBMI where present) and take the 4-bit kernels, where they are not stored in lanes
-//!   (below). **5- and 6-bit** rows are widened to a byte per code.
+//!   (below). **5- and 6-bit** rows are widened to a byte per code, where they are not stored in lanes.
 //!
 //! - **The 4-bit rows the model applies whole** (MLPs, attention projections, `lm_head`) on AVX-512 + VNNI
-//!   (int8 activations; f32 ones as three int8 slices), **2-bit** ones, and **3-bit** ones with VBMI: the rows are
+//!   (int8 activations; f32 ones as three int8 slices), **2- and 8-bit** ones, and **3-, 5- and 6-bit** ones
+//!   with VBMI: the rows are
 //!   stored at load in the rows-in-lanes order ([`AffineMatrix::lanes`], [`lanes_codes`]; still `bits` bits a
 //!   code), and every token count, one included, takes that kernel with no tile to build.
 //! - **Twelve or more f32 tokens** on AVX-512 where the rows-in-lanes kernel does not take them (with AMX,
@@ -430,7 +431,13 @@ impl Weight<'_> {
     /// ([`AffineMatrix::lanes`]), which takes every token's codes in nibble order.
     fn prep_key(&self) -> PrepKey {
         match self {
-            Weight::Affine(m) => (m.group, m.bits <= 4, m.activations, m.bits == 4, m.lanes),
+            Weight::Affine(m) => (
+                m.group,
+                m.bits <= 4 || m.lanes,
+                m.activations,
+                m.bits == 4,
+                m.lanes,
+            ),
             Weight::Bf16(m) => (m.cols, false, Activations::F32, false, false),
         }
     }
@@ -1055,9 +1062,9 @@ const TILE_TOKENS: usize = 12;
 #[cfg(target_arch = "x86_64")]
 const LANE_TOKENS: usize = 16;
 
-/// Whether the loader stores `m`'s rows in lanes ([`AffineMatrix::lanes`]): 2- and 4-bit rows in groups of a
-/// multiple of 64 on a CPU with AVX-512 + VNNI (3-bit ones with VBMI too), for int8 activations and for f32 ones
-/// (three int8 slices). The rows-in-lanes kernel then takes all of its tokens, from one (decode) up, with no
+/// Whether the loader stores `m`'s rows in lanes ([`AffineMatrix::lanes`]): 2-, 4- and 8-bit rows in groups
+/// of a multiple of 64 on a CPU with AVX-512 + VNNI (3-, 5- and 6-bit ones with VBMI too), for int8 activations
+/// and for f32 ones (three int8 slices). The rows-in-lanes kernel then takes all of its tokens, from one (decode) up, with no
 /// tile to build per call.
 /// 2- and 3-bit rows had been widened per call (bench shape, `synth --bits B`, EPYC, f32, three interleaved
 /// rounds, medians): 3-bit decode 70.8 → 100.2 tok/s, a 64-token prefill 182.2 → 250.4; int8 86.8 → 127.2
@@ -1068,9 +1075,9 @@ const LANE_TOKENS: usize = 16;
 /// 64-token prefill 258.6–260.9 → 266.2–276.4, a 2048-token one the same (229.2 → 228.5).
 pub fn lanes_apply(m: &AffineMatrix) -> bool {
     #[cfg(target_arch = "x86_64")]
-    let bits = matches!(m.bits, 2 | 4) || (m.bits == 3 && x86::has_vbmi());
+    let bits = matches!(m.bits, 2 | 4 | 8) || (matches!(m.bits, 3 | 5 | 6) && x86::has_vbmi());
     #[cfg(not(target_arch = "x86_64"))]
-    let bits = matches!(m.bits, 2 | 4);
+    let bits = matches!(m.bits, 2 | 4 | 8);
     bits && m.group.is_multiple_of(64)
         && m.cols.is_multiple_of(m.group)
         && matches!(Isa::detect(), Isa::Avx512 | Isa::Amx)
@@ -1097,9 +1104,11 @@ fn nibble_column(j: usize) -> usize {
 /// - 2 and 4 bits: per `8 / bits` words, 64 bytes, row `k`'s in bytes `4k..4k + 4`, byte `j` holding code `j`
 ///   of each of the words, word `i` at bits `bits·i` (one shift and one AND apart);
 /// - 3 bits: per pair of words, 48 bytes, row `k`'s eight codes (the first word's, then the second's) one
-///   after another from bit 0 of bytes `3k..3k + 3`.
+///   after another from bit 0 of bytes `3k..3k + 3`;
+/// - 5, 6 and 8 bits: per word, `8·bits` bytes, row `k`'s four codes one after another from bit `4·bits·k`
+///   (8 bits: bytes `4k..4k + 4`, as a 4-bit pair's words once unpacked).
 pub fn lanes_codes(m: &AffineMatrix, dst: &mut [u8]) {
-    debug_assert!(matches!(m.bits, 2..=4) && m.cols.is_multiple_of(64));
+    debug_assert!(matches!(m.bits, 2..=6 | 8) && m.cols.is_multiple_of(64));
     debug_assert_eq!(dst.len(), lanes_sizes(m).0);
     // The last block, whose padding rows the conversions do not write.
     let last = dst.len().saturating_sub(2 * m.bits as usize * m.cols);
@@ -1107,7 +1116,10 @@ pub fn lanes_codes(m: &AffineMatrix, dst: &mut [u8]) {
     match m.bits {
         2 => lanes_codes2(m, dst),
         3 => lanes_codes3(m, dst),
-        _ => lanes_codes4(m, dst),
+        4 => lanes_codes4(m, dst),
+        5 => lanes_codes_wide::<5>(m, dst),
+        6 => lanes_codes_wide::<6>(m, dst),
+        _ => lanes_codes_wide::<8>(m, dst),
     }
 }
 
@@ -1126,8 +1138,8 @@ fn lanes_codes2(m: &AffineMatrix, dst: &mut [u8]) {
             let mut pairs = [0u32; 8];
             for (t, run) in chunk.chunks_exact(4).enumerate() {
                 let run = u32::from_le_bytes([run[0], run[1], run[2], run[3]]) as u64;
-                pairs[t] = even_codes::<2>(run) as u32;
-                pairs[4 + t] = even_codes::<2>(run >> 2) as u32;
+                pairs[t] = even_codes::<2, 16>(run) as u32;
+                pairs[4 + t] = even_codes::<2, 16>(run >> 2) as u32;
             }
             for (q, quad) in quads.chunks_exact_mut(64).enumerate() {
                 let (a, h) = (pairs[2 * q], pairs[2 * q + 1]);
@@ -1156,29 +1168,64 @@ fn lanes_codes3(m: &AffineMatrix, dst: &mut [u8]) {
                 let at = 6 * (q % 4);
                 let mut w = [0u8; 8];
                 w[..6].copy_from_slice(&chunk[at..at + 6]);
-                let word = even_codes::<3>(u64::from_le_bytes(w) >> (3 * (q / 4)));
+                let word = even_codes::<3, 16>(u64::from_le_bytes(w) >> (3 * (q / 4)));
                 pair[3 * k..3 * k + 3].copy_from_slice(&word.to_le_bytes()[..3]);
             }
         }
     }
 }
 
-/// The eight even codes of the sixteen `B`-bit codes from bit 0 of `x`, one after another from bit 0: pairs
-/// of codes, then of pairs, then of fours, closed up.
-fn even_codes<const B: u32>(x: u64) -> u64 {
+/// The `N / 2` even codes of the `N` (8 or 16) `B`-bit codes from bit 0 of `x`, one after another from bit 0:
+/// pairs of codes, then of pairs (then of fours), closed up.
+fn even_codes<const B: u32, const N: u32>(x: u64) -> u64 {
     /// `n` fields of `width` bits, `stride` bits apart.
     const fn every(width: u32, stride: u32, n: u32) -> u64 {
         let (mut m, mut i) = (0, 0);
         while i < n {
-            m |= ((1u64 << width) - 1) << (stride * i);
+            m |= (u64::MAX >> (64 - width)) << (stride * i);
             i += 1;
         }
         m
     }
-    let x = x & const { every(B, 2 * B, 8) };
-    let x = (x | x >> B) & const { every(2 * B, 4 * B, 4) };
-    let x = (x | x >> (2 * B)) & const { every(4 * B, 8 * B, 2) };
+    const { assert!((N == 8 || N == 16) && N * B <= 64) };
+    let x = x & const { every(B, 2 * B, N / 2) };
+    let x = (x | x >> B) & const { every(2 * B, 4 * B, N / 4) };
+    let x = (x | x >> (2 * B)) & const { every(4 * B, 8 * B, N / 8) };
+    if N == 8 {
+        return x;
+    }
     (x | x >> (4 * B)) & const { every(8 * B, 16 * B, 1) }
+}
+
+/// [`lanes_codes`] for 5-, 6- and 8-bit rows, from the packed rows: word `w` of a 64-code chunk
+/// ([`nibble_column`]) is the even codes of the chunk's codes `8w..8w + 8` for `w < 8`, else the odd ones of
+/// `8(w - 8)..`, and eight codes are `B` whole bytes. Rows go in order, so a 5-bit row whose word starts
+/// mid-byte completes the byte its predecessor began.
+fn lanes_codes_wide<const B: u32>(m: &AffineMatrix, dst: &mut [u8]) {
+    let (cols, rb, b) = (m.cols, m.row_bytes(), B as usize);
+    let block_bytes = 2 * b * cols;
+    for (r, row) in m.packed.chunks_exact(rb).enumerate() {
+        let k = r % 16;
+        let block = &mut dst[r / 16 * block_bytes..(r / 16 + 1) * block_bytes];
+        // The row's word spans `n` bytes from byte `at` (5 bits: from bit 4 of it where `k` is odd).
+        let (at, shift, n) = (4 * b * k / 8, 4 * b * k % 8, b.div_ceil(2));
+        // A chunk is `8·B` bytes in, sixteen words of `8·B` bytes out.
+        for (chunk, words) in row.chunks_exact(8 * b).zip(block.chunks_exact_mut(128 * b)) {
+            for (w, word) in words.chunks_exact_mut(8 * b).enumerate() {
+                let from = b * (w % 8);
+                let mut eight = [0u8; 8];
+                eight[..b].copy_from_slice(&chunk[from..from + b]);
+                let codes = even_codes::<B, 8>(u64::from_le_bytes(eight) >> (B * (w as u32 / 8)));
+                let v = (codes << shift).to_le_bytes();
+                if shift == 0 {
+                    word[at..at + n].copy_from_slice(&v[..n]);
+                } else {
+                    word[at] |= v[0];
+                    word[at + 1..at + n].copy_from_slice(&v[1..n]);
+                }
+            }
+        }
+    }
 }
 
 /// [`lanes_codes`] for 4-bit rows, a 32-bit word of the row at a time (a code at a time, the bench model
@@ -1222,6 +1269,17 @@ pub fn lanes_row_codes(m: &AffineMatrix, r: usize, codes: &mut [u8]) {
                 put(2 * p + i / 4, i % 4, v >> (3 * i));
             }
         }
+    } else if bits > 4 {
+        let (at, shift) = (4 * bits * k / 8, 4 * bits * k % 8);
+        for (w, word) in block.chunks_exact(8 * bits).enumerate() {
+            let mut v = [0u8; 8];
+            let n = (4 * bits + shift).div_ceil(8);
+            v[..n].copy_from_slice(&word[at..at + n]);
+            let v = u64::from_le_bytes(v) >> shift;
+            for j in 0..4 {
+                put(w, j, (v >> (bits * j)) as u32);
+            }
+        }
     } else {
         let per = 8 / bits;
         for (q, words) in block.chunks_exact(64).enumerate() {
@@ -1235,13 +1293,13 @@ pub fn lanes_row_codes(m: &AffineMatrix, r: usize, codes: &mut [u8]) {
     }
 }
 
-/// `m` (2-, 3- or 4-bit, groups of a multiple of 64) stored in lanes as the loader stores it ([`lanes_codes`],
+/// `m` (2- to 6- or 8-bit, groups of a multiple of 64) stored in lanes as the loader stores it ([`lanes_codes`],
 /// [`lanes_scales`]), in owned buffers (tests, benchmarks). The buffers start as `0xaa`, so a byte the
 /// conversions leave unwritten shows.
 pub fn stored_in_lanes(m: &AffineMatrix) -> AffineMatrix {
     assert!(
-        matches!(m.bits, 2..=4) && m.group.is_multiple_of(64) && m.cols.is_multiple_of(m.group),
-        "rows in lanes are 2-, 3- or 4-bit in groups of a multiple of 64, not {} bits in groups of {}",
+        matches!(m.bits, 2..=6 | 8) && m.group.is_multiple_of(64) && m.cols.is_multiple_of(m.group),
+        "rows in lanes are 2- to 6- or 8-bit in groups of a multiple of 64, not {} bits in groups of {}",
         m.bits,
         m.group
     );
@@ -1847,12 +1905,12 @@ mod tests {
         }
     }
 
-    /// 2-, 3- and 4-bit rows (3 where the CPU has VBMI).
+    /// 2- to 6- and 8-bit rows (3, 5 and 6 where the CPU has VBMI).
     #[cfg(target_arch = "x86_64")]
     fn lane_bits() -> Vec<u32> {
-        [2, 3, 4]
+        [2, 3, 4, 5, 6, 8]
             .into_iter()
-            .filter(|&b| b != 3 || x86::has_vbmi())
+            .filter(|&b| !matches!(b, 3 | 5 | 6) || x86::has_vbmi())
             .collect()
     }
 
@@ -1861,7 +1919,7 @@ mod tests {
     fn int8_rows_stored_in_lanes_agree_with_the_scalar_int8_reference() {
         // Rows stored in lanes at load (`lanes_codes`, `lanes_scales`) take every token count, from one up:
         // blocks of 8 tokens and tails, rows that are and are not whole blocks of sixteen, groups of 64 and
-        // 128, every scale type, 2, 3 and 4 bits; 600 × 2048 splits into several tasks, each from a block's
+        // 128, every scale type, 2 to 6 and 8 bits; 600 × 2048 splits into several tasks, each from a block's
         // first row.
         if !Isa::available().contains(&Isa::Avx512) {
             return;
@@ -1919,7 +1977,8 @@ mod tests {
     /// f32 tokens against rows stored in lanes, as three int8 slices, are as close to f64 sums as the AVX2 f32
     /// kernels on the MLX layout: one token (decode) up to 17 (balanced blocks of at most six: 5 + 6 + 6, and
     /// 4 + 5 for nine), groups of 64 and 128 (whose integer sums are converted every 64 codes: over 128 they
-    /// would overflow), rows that are not whole blocks of sixteen, a task split of 600 rows, 2, 3 and 4 bits.
+    /// would overflow; codes over 15 convert their coarse slice's sums apart), rows that are not whole blocks of
+    /// sixteen, a task split of 600 rows, 2 to 6 and 8 bits.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn f32_rows_stored_in_lanes_are_as_exact_as_f32_sums() {

@@ -167,7 +167,7 @@ impl Dots for Avx512 {
         out: &Out,
         rows: std::ops::Range<usize>,
     ) -> usize {
-        // 2- and 3-bit rows reach the rows-in-lanes kernel only stored in lanes (`super::lanes_apply`).
+        // Rows of other widths reach the rows-in-lanes kernel only stored in lanes (`super::lanes_apply`).
         if m.bits != 4 {
             return 0;
         }
@@ -1705,8 +1705,9 @@ pub(super) unsafe fn lanes_stored(
 ) {
     let cols = m.cols;
     assert!(
-        m.bits != 3 || has_vbmi(),
-        "3-bit rows stored in lanes need AVX-512 VBMI"
+        !matches!(m.bits, 3 | 5 | 6) || has_vbmi(),
+        "{}-bit rows stored in lanes need AVX-512 VBMI",
+        m.bits
     );
     let block_bytes = 2 * m.bits as usize * cols;
     let block_scales = 16 * m.groups_per_row() * m.scale_type.size();
@@ -1740,7 +1741,7 @@ struct LaneRows {
     scales: *const u8,
     biases: *const u8,
     st: ScaleType,
-    /// 2, 3 or 4 (3 with VBMI only).
+    /// 2 to 6 or 8 (3, 5 and 6 with VBMI only).
     bits: u32,
     /// The codes stream from memory (prefetched ahead), not from a tile in cache.
     stream: bool,
@@ -1764,15 +1765,21 @@ unsafe fn lanes_block(l: &LaneRows, px: &Prepared, pick: Option<&[u32]>, out: &O
     for k in 0..blocks {
         let (t0, t1) = (tokens * k / blocks, tokens * (k + 1) / blocks);
         let (at, n) = (Picked { pick, t0 }, t1 - t0);
-        // SAFETY: 3-bit rows reach here through `lanes_stored`, which checks VBMI.
+        // SAFETY: 3-, 5- and 6-bit rows reach here through `lanes_stored`, which checks VBMI.
         unsafe {
             match (exact, l.bits) {
                 (true, 4) => lanes_tokens::<true, 4>(l, px, out, at, n),
                 (false, 4) => lanes_tokens::<false, 4>(l, px, out, at, n),
-                (true, 3) => lanes_tokens_vbmi::<true>(l, px, out, at, n),
-                (false, 3) => lanes_tokens_vbmi::<false>(l, px, out, at, n),
-                (true, _) => lanes_tokens::<true, 2>(l, px, out, at, n),
-                (false, _) => lanes_tokens::<false, 2>(l, px, out, at, n),
+                (true, 2) => lanes_tokens::<true, 2>(l, px, out, at, n),
+                (false, 2) => lanes_tokens::<false, 2>(l, px, out, at, n),
+                (true, 8) => lanes_tokens::<true, 8>(l, px, out, at, n),
+                (false, 8) => lanes_tokens::<false, 8>(l, px, out, at, n),
+                (true, 3) => lanes_tokens_vbmi::<true, 3>(l, px, out, at, n),
+                (false, 3) => lanes_tokens_vbmi::<false, 3>(l, px, out, at, n),
+                (true, 5) => lanes_tokens_vbmi::<true, 5>(l, px, out, at, n),
+                (false, 5) => lanes_tokens_vbmi::<false, 5>(l, px, out, at, n),
+                (true, _) => lanes_tokens_vbmi::<true, 6>(l, px, out, at, n),
+                (false, _) => lanes_tokens_vbmi::<false, 6>(l, px, out, at, n),
             }
         }
     }
@@ -1796,7 +1803,7 @@ impl Picked<'_> {
     }
 }
 
-/// [`lanes_pass`] for the `n` tokens of block `at`, 2- or 4-bit rows.
+/// [`lanes_pass`] for the `n` tokens of block `at`, 2-, 4- or 8-bit rows.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn lanes_tokens<const EXACT: bool, const BITS: u32>(
@@ -1809,10 +1816,10 @@ unsafe fn lanes_tokens<const EXACT: bool, const BITS: u32>(
     unsafe { lanes_tokens_of::<EXACT, BITS>(l, px, out, at, n) }
 }
 
-/// [`lanes_tokens`] for 3-bit rows, whose pairs [`PairCodes`] unpacks with VBMI.
+/// [`lanes_tokens`] for 3-, 5- and 6-bit rows, whose words [`PairCodes`] unpacks with VBMI.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma")]
-unsafe fn lanes_tokens_vbmi<const EXACT: bool>(
+unsafe fn lanes_tokens_vbmi<const EXACT: bool, const BITS: u32>(
     l: &LaneRows,
     px: &Prepared,
     out: &Out,
@@ -1820,7 +1827,7 @@ unsafe fn lanes_tokens_vbmi<const EXACT: bool>(
     n: usize,
 ) {
     debug_assert!(has_vbmi());
-    unsafe { lanes_tokens_of::<EXACT, 3>(l, px, out, at, n) }
+    unsafe { lanes_tokens_of::<EXACT, BITS>(l, px, out, at, n) }
 }
 
 #[inline(always)]
@@ -1848,37 +1855,49 @@ unsafe fn lanes_tokens_of<const EXACT: bool, const BITS: u32>(
 /// How [`lanes_pass`] unpacks a pair of 4-code words of sixteen `BITS`-bit rows stored in lanes
 /// ([`super::lanes_codes`]) into the two words' codes, a byte each, row `k`'s in bytes `4k..4k + 4`: 4-bit,
 /// one load, one AND, one shift and one AND; 2-bit, the same from the pair's half of 64 bytes (one shift
-/// more for the second half); 3-bit, a masked load of the pair's 48 bytes, one `vpermb` that gives each row
-/// its own 32-bit lane, and per word one `vpmultishiftqb` and one AND.
+/// more for the second half); 8-bit, two loads; 3-bit, a masked load of the pair's 48 bytes, one `vpermb`
+/// that gives each row its own 32-bit lane, and per word one `vpmultishiftqb` and one AND; 5- and 6-bit, per
+/// word a masked load of its `8·BITS` bytes, one `vpermb`, one `vpmultishiftqb` and one AND.
 struct PairCodes<const BITS: u32> {
     idx: __m512i,
     ctl: [__m512i; 2],
     mask: __m512i,
 }
 
+/// [`PairCodes`]' `vpermb` and `vpmultishiftqb` tables for `bits` (3, 5 or 6): byte `o` of the permuted
+/// vector is byte `j = o % 4` of row `k = o / 4`'s lane, whose value starts at bit `32·(k % 2)` of its
+/// 64-bit lane. 3 bits: a pair's row is bytes `3k..3k + 3` and its code `i` at bit `3i`; 5 and 6 bits: a
+/// word's row starts at bit `4·bits·k` and its code `j` `bits·j` after that.
+const fn unpack_tables(bits: usize) -> [[u8; 64]; 3] {
+    let mut t = [[0u8; 64]; 3];
+    let mut o = 0;
+    while o < 64 {
+        let (k, j) = (o / 4, o % 4);
+        let lane = 32 * (k % 2);
+        if bits == 3 {
+            t[0][o] = (3 * k + j) as u8;
+            t[1][o] = (lane + 3 * j) as u8;
+            t[2][o] = (lane + 3 * (4 + j)) as u8;
+        } else {
+            t[0][o] = (4 * bits * k / 8 + j) as u8;
+            t[1][o] = (lane + 4 * bits * k % 8 + bits * j) as u8;
+        }
+        o += 1;
+    }
+    t
+}
+
 impl<const BITS: u32> PairCodes<BITS> {
+    const TABLES: [[u8; 64]; 3] = unpack_tables(BITS as usize);
+
     /// # Safety
     /// Needs AVX-512 F.
     #[inline(always)]
     unsafe fn new() -> Self {
-        // 3-bit: byte `o` is byte `j` of row `k`'s lane; the row's value starts at bit `32·(k % 2)` of its
-        // 64-bit lane, and its code `i` at bit `3i` of the value.
-        static TABLES: [[u8; 64]; 3] = {
-            let mut t = [[0u8; 64]; 3];
-            let mut o = 0;
-            while o < 64 {
-                let (k, j) = (o / 4, o % 4);
-                t[0][o] = (3 * k + j) as u8;
-                t[1][o] = (32 * (k % 2) + 3 * j) as u8;
-                t[2][o] = (32 * (k % 2) + 3 * (4 + j)) as u8;
-                o += 1;
-            }
-            t
-        };
-        // Only 3-bit pairs read the tables.
+        // Only 3-, 5- and 6-bit words read the tables.
         let load = |i: usize| unsafe {
-            if BITS == 3 {
-                _mm512_loadu_si512(TABLES[i].as_ptr() as *const _)
+            if matches!(BITS, 3 | 5 | 6) {
+                _mm512_loadu_si512(Self::TABLES[i].as_ptr() as *const _)
             } else {
                 _mm512_setzero_si512()
             }
@@ -1893,7 +1912,7 @@ impl<const BITS: u32> PairCodes<BITS> {
     /// The two words of pair `p` of the block of codes at `codes`; `odd`: `p` is odd.
     ///
     /// # Safety
-    /// Needs AVX-512 F/BW, and VBMI for 3 bits; pair `p` is in the block.
+    /// Needs AVX-512 F/BW, and VBMI for 3, 5 and 6 bits; pair `p` is in the block.
     #[inline(always)]
     unsafe fn words(&self, codes: *const u8, p: usize, odd: bool) -> [__m512i; 2] {
         unsafe {
@@ -1913,13 +1932,31 @@ impl<const BITS: u32> PairCodes<BITS> {
                         _mm512_and_si512(_mm512_srli_epi16(v, 2), self.mask),
                     ]
                 }
-                _ => {
+                8 => [
+                    _mm512_loadu_si512(codes.add(128 * p) as *const _),
+                    _mm512_loadu_si512(codes.add(128 * p + 64) as *const _),
+                ],
+                3 => {
                     let v = _mm512_maskz_loadu_epi8(!0 >> 16, codes.add(48 * p) as *const i8);
                     let v = _mm512_permutexvar_epi8(self.idx, v);
                     [
                         _mm512_and_si512(_mm512_multishift_epi64_epi8(self.ctl[0], v), self.mask),
                         _mm512_and_si512(_mm512_multishift_epi64_epi8(self.ctl[1], v), self.mask),
                     ]
+                }
+                _ => {
+                    // (A loop, not a closure: closures do not inherit `target_feature`.)
+                    let mut w = [_mm512_setzero_si512(); 2];
+                    for (h, w) in w.iter_mut().enumerate() {
+                        let at = codes.add(8 * BITS as usize * (2 * p + h));
+                        let v = _mm512_maskz_loadu_epi8(!0 >> (64 - 8 * BITS), at as *const i8);
+                        let v = _mm512_permutexvar_epi8(self.idx, v);
+                        *w = _mm512_and_si512(
+                            _mm512_multishift_epi64_epi8(self.ctl[0], v),
+                            self.mask,
+                        );
+                    }
+                    w
                 }
             }
         }
@@ -1929,9 +1966,10 @@ impl<const BITS: u32> PairCodes<BITS> {
 /// The block of rows `l` against the `T` tokens of block `at`: per pair of words its two words unpacked
 /// ([`PairCodes`]); per word and token one `vpdpbusd` takes the token's four coarse codes as a
 /// broadcast memory operand, another its residual ones (`EXACT`, f32 activations: a third its finest ones,
-/// [`super::Q8::s`]). The sums are converted once per group and token (`EXACT`: once per 64 codes, below
-/// which a lane of `(128·Σq + Σr)·128 + Σs` stays under 64·15·127·(128² + 128 + 1) < 2³¹), scaled by the
-/// rows' scales and the token's step, and the bias term joins them once per group. `H` sets of sums take the
+/// [`super::Q8::s`]). The sums are converted once per group and token (`EXACT`, or codes over 15: once per
+/// 64 codes, below which a lane of `(128·Σq + Σr)·128 + Σs` stays under 64·15·127·(128² + 128 + 1) < 2³¹ for
+/// 4-bit codes, and `Σq` and `128·Σr + Σs` apart under 64·255·127·129 for wider ones), scaled by the rows'
+/// scales and the token's step, and the bias term joins them once per group. `H` sets of sums take the
 /// words in turn: one token's two or three chains of `vpdpbusd` are otherwise bound by its latency.
 ///
 /// # Safety
@@ -1956,7 +1994,9 @@ unsafe fn lanes_pass<const T: usize, const EXACT: bool, const H: usize, const BI
         // Each token's steps and sums per group.
         let dx: [&[f32]; T] = std::array::from_fn(|t| px.dx_of(src[t]));
         let xsum: [&[f32]; T] = std::array::from_fn(|t| px.xsum_of(src[t]));
-        let span = if EXACT { 8 } else { pairs };
+        // Integer sums over at most 64 codes where they could otherwise pass 2³¹ (f32 slices; int8 ones of
+        // wide codes in large groups).
+        let span = if EXACT || BITS > 4 { 8 } else { pairs };
         let codes = PairCodes::<BITS>::new();
         let mut acc = [_mm512_setzero_ps(); T];
         for g in 0..gpr {
@@ -1971,9 +2011,15 @@ unsafe fn lanes_pass<const T: usize, const EXACT: bool, const H: usize, const BI
                     for (p, odd) in [(two, false), (two + 1, true)] {
                         let at = l.codes.wrapping_add(16 * BITS as usize * p);
                         if l.stream {
-                            // The block's bytes ahead into L1, and further on (the next blocks) into L2.
-                            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH) as *const i8);
-                            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PASS_AHEAD) as *const i8);
+                            // The block's bytes ahead into L1, and further on (the next blocks) into L2: a
+                            // line for each 64 bytes of the pair (two for wide codes).
+                            for b in (0..16 * BITS as usize).step_by(64) {
+                                let at = at.wrapping_add(b);
+                                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH) as *const i8);
+                                _mm_prefetch::<_MM_HINT_T1>(
+                                    at.wrapping_add(PASS_AHEAD) as *const i8
+                                );
+                            }
                         }
                         // Pair `p < cols / 8` of the block.
                         let words = codes.words(l.codes, p, odd);
@@ -2003,11 +2049,24 @@ unsafe fn lanes_pass<const T: usize, const EXACT: bool, const H: usize, const BI
                 }
                 let (sq, sr, ss) = (sq[0], sr[0], ss[0]);
                 for t in 0..T {
-                    let mut i = _mm512_add_epi32(slices_shift::<EXACT>(sq[t]), sr[t]);
-                    if EXACT {
-                        i = _mm512_add_epi32(slices_shift::<EXACT>(i), ss[t]);
-                    }
-                    let v = _mm512_mul_ps(_mm512_cvtepi32_ps(i), s);
+                    let v = if EXACT && BITS > 4 {
+                        // Codes over 15: the three slices folded could pass 2³¹ (64·63·127·(128² + 128 + 1)
+                        // at 6 bits), so the coarse sum converts on its own and joins in one FMA.
+                        let fine = _mm512_add_epi32(slices_shift::<EXACT>(sr[t]), ss[t]);
+                        let step = (super::EXACT_RESIDUAL * super::EXACT_RESIDUAL) as f32;
+                        _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(sq[t]),
+                            _mm512_set1_ps(step),
+                            _mm512_cvtepi32_ps(fine),
+                        )
+                    } else {
+                        let mut i = _mm512_add_epi32(slices_shift::<EXACT>(sq[t]), sr[t]);
+                        if EXACT {
+                            i = _mm512_add_epi32(slices_shift::<EXACT>(i), ss[t]);
+                        }
+                        _mm512_cvtepi32_ps(i)
+                    };
+                    let v = _mm512_mul_ps(v, s);
                     acc[t] = _mm512_fmadd_ps(v, _mm512_set1_ps(dx[t][g]), acc[t]);
                 }
             }
