@@ -1069,7 +1069,9 @@ const LANE_TOKENS: usize = 16;
 /// 2- and 3-bit rows had been widened per call (bench shape, `synth --bits B`, EPYC, f32, three interleaved
 /// rounds, medians): 3-bit decode 70.8 → 100.2 tok/s, a 64-token prefill 182.2 → 250.4; int8 86.8 → 127.2
 /// and 260.4 → 365.5; 2-bit 74.9 → 119.6 and 222.4 → 279.7, and with four words to 64 bytes (no VBMI) instead
-/// of a pair to 32 (unpacked as 3-bit pairs are) 118.4 → 154.4 and 272.0 → 328.0.
+/// of a pair to 32 (unpacked as 3-bit pairs are) 118.4 → 154.4 and 272.0 → 328.0. 5-, 6- and 8-bit rows had
+/// been read by the byte-code kernels a row at a time (same VM, three rounds, f32): 6-bit decode 35.9 → 63.9,
+/// prefill 68.6 → 236.1; 5-bit 40.7 → 80.9 and 76.8 → 225.7; 8-bit 52.2 → 56.1 and 101.2 → 259.2.
 /// With AMX too, whose tiles read the MLX layout: on a Xeon VM with AMX (bench model, f32, interleaved runs
 /// against the AMX tiles for five or more tokens), decode of 300 tokens 77.9–78.2 → 81.6–83.5 tok/s, a
 /// 64-token prefill 258.6–260.9 → 266.2–276.4, a 2048-token one the same (229.2 → 228.5).
