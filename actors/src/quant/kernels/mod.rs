@@ -12,9 +12,9 @@
 //!
 //! - **The 4-bit rows the model applies whole** (MLPs, attention projections, `lm_head`) on AVX-512 + VNNI
 //!   (int8 activations; f32 ones as three int8 slices), **2- and 8-bit** ones, and **3-, 5- and 6-bit** ones
-//!   with VBMI: the rows are
-//!   stored at load in the rows-in-lanes order ([`AffineMatrix::lanes`], [`lanes_codes`]; still `bits` bits a
-//!   code), and every token count, one included, takes that kernel with no tile to build.
+//!   with VBMI: the rows are stored at load in the rows-in-lanes order ([`AffineMatrix::lanes`],
+//!   [`lanes_codes`]; still `bits` bits a code), and every token count, one included, takes that kernel with
+//!   no tile to build.
 //! - **Twelve or more f32 tokens** on AVX-512 where the rows-in-lanes kernel does not take them (with AMX,
 //!   groups of 32, widened 2- and 3-bit rows): rows are dequantized once into a per-thread tile
 //!   ([`Dots::f32_tiles`]) instead of being unpacked again for every block of tokens; blocks of four tokens
@@ -1063,9 +1063,9 @@ const TILE_TOKENS: usize = 12;
 const LANE_TOKENS: usize = 16;
 
 /// Whether the loader stores `m`'s rows in lanes ([`AffineMatrix::lanes`]): 2-, 4- and 8-bit rows in groups
-/// of a multiple of 64 on a CPU with AVX-512 + VNNI (3-, 5- and 6-bit ones with VBMI too), for int8 activations
-/// and for f32 ones (three int8 slices). The rows-in-lanes kernel then takes all of its tokens, from one (decode) up, with no
-/// tile to build per call.
+/// of a multiple of 64 on a CPU with AVX-512 + VNNI (3-, 5- and 6-bit ones with VBMI too), for int8
+/// activations and for f32 ones (three int8 slices). The rows-in-lanes kernel then takes all of its tokens,
+/// from one (decode) up, with no tile to build per call.
 /// 2- and 3-bit rows had been widened per call (bench shape, `synth --bits B`, EPYC, f32, three interleaved
 /// rounds, medians): 3-bit decode 70.8 → 100.2 tok/s, a 64-token prefill 182.2 → 250.4; int8 86.8 → 127.2
 /// and 260.4 → 365.5; 2-bit 74.9 → 119.6 and 222.4 → 279.7, and with four words to 64 bytes (no VBMI) instead
@@ -1272,10 +1272,10 @@ pub fn lanes_row_codes(m: &AffineMatrix, r: usize, codes: &mut [u8]) {
             }
         }
     } else if bits > 4 {
-        let (at, shift) = (4 * bits * k / 8, 4 * bits * k % 8);
+        // As `lanes_codes_wide` put them.
+        let (at, shift, n) = (4 * bits * k / 8, 4 * bits * k % 8, bits.div_ceil(2));
         for (w, word) in block.chunks_exact(8 * bits).enumerate() {
             let mut v = [0u8; 8];
-            let n = (4 * bits + shift).div_ceil(8);
             v[..n].copy_from_slice(&word[at..at + n]);
             let v = u64::from_le_bytes(v) >> shift;
             for j in 0..4 {
