@@ -549,14 +549,17 @@ pub fn has_vbmi() -> bool {
         && is_x86_feature_detected!("avx512vbmi")
 }
 
-/// [`super::Dots::widen`] where AVX2 is the best widening there is: 2- and 3-bit rows with [`widen_avx2`].
+/// [`super::Dots::widen`] where AVX2 is the best widening there is: 2- and 3-bit rows with [`widen_avx2`],
+/// 5- and 6-bit ones with [`widen_avx2_bytes`].
 #[inline(always)]
 fn widen_x86(packed: &[u8], bits: u32, out: &mut [u8]) -> usize {
-    if bits <= 3 {
-        // SAFETY: both sets that call this have AVX2.
-        unsafe { widen_avx2(packed, bits, out) }
-    } else {
-        super::widen_into(packed, bits, out)
+    // SAFETY: both sets that call this have AVX2.
+    unsafe {
+        match bits {
+            2 | 3 => widen_avx2(packed, bits, out),
+            5 | 6 => widen_avx2_bytes(packed, bits, out),
+            _ => super::widen_into(packed, bits, out),
+        }
     }
 }
 
@@ -624,6 +627,72 @@ unsafe fn widen_avx2(bytes: &[u8], bits: u32, out: &mut [u8]) -> usize {
     }
     crate::quant::affine::widen(&bytes[steps * 8 * b..], bits, &mut out[steps * 32..len]);
     len
+}
+
+/// [`crate::quant::affine::widen`] of 5- and 6-bit rows to a byte per code with AVX2, 32 codes per step: each
+/// 64-bit lane takes the `bits` bytes of its eight codes (`vpshufb`, each 128-bit half from its own load), and
+/// three mask-and-shift steps move the codes to byte strides, as `affine::spread` does in 64-bit words (which
+/// does the steps whose second load would pass the row's end). Returns the bytes written.
+///
+/// # Safety
+/// Needs AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn widen_avx2_bytes(bytes: &[u8], bits: u32, out: &mut [u8]) -> usize {
+    debug_assert!(matches!(bits, 5 | 6));
+    let b = bits as usize;
+    let codes = bytes.len() * 8 / b;
+    assert!(
+        out.len() >= codes,
+        "widen_avx2_bytes: {} bytes for {codes}",
+        out.len()
+    );
+    // Steps whose upper half (16 bytes from `2·b` into the step's `4·b`) lies in the row.
+    let steps = match bytes.len().checked_sub(2 * b + 16) {
+        Some(room) => (room / (4 * b) + 1).min(codes / 32),
+        None => 0,
+    };
+    // Per half: qword `j` takes bytes `b·j..b·j + b`, the rest zero.
+    let order: [i8; 16] = std::array::from_fn(|o| {
+        let (j, i) = (o / 8, o % 8);
+        if i < b { (b * j + i) as i8 } else { -1 }
+    });
+    let order = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(order.as_ptr() as *const _)) };
+    // Step `k` splits runs of `8 >> k` codes: the lower half stays, the upper half moves up by
+    // `(4 >> k)·(8 − bits)` bits.
+    let mut spread = [(
+        _mm256_setzero_si256(),
+        _mm256_setzero_si256(),
+        _mm_setzero_si128(),
+    ); 3];
+    for (k, st) in spread.iter_mut().enumerate() {
+        let (h, m) = (4 >> k, 8 >> k);
+        let field = (1u64 << (h * b)) - 1;
+        let lo = (0..8 / m).fold(0u64, |a, i| a | field << (8 * m * i));
+        *st = (
+            _mm256_set1_epi64x(lo as i64),
+            _mm256_set1_epi64x((lo << (h * b)) as i64),
+            _mm_cvtsi32_si128((h * (8 - b)) as i32),
+        );
+    }
+    let p = bytes.as_ptr();
+    for s in 0..steps {
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(s * 4 * b + PREFETCH) as *const i8);
+            let at = p.add(s * 4 * b);
+            let v = _mm256_set_m128i(
+                _mm_loadu_si128(at.add(2 * b) as *const _),
+                _mm_loadu_si128(at as *const _),
+            );
+            let mut x = _mm256_shuffle_epi8(v, order);
+            for &(lo, hi, shift) in &spread {
+                let up = _mm256_sll_epi64(_mm256_and_si256(x, hi), shift);
+                x = _mm256_or_si256(_mm256_and_si256(x, lo), up);
+            }
+            _mm256_storeu_si256(out.as_mut_ptr().add(32 * s) as *mut __m256i, x);
+        }
+    }
+    crate::quant::affine::widen(&bytes[steps * 4 * b..], bits, &mut out[steps * 32..codes]);
+    codes
 }
 
 /// [`crate::quant::affine::widen`] with AVX-512 VBMI, 64 codes per step: `vpermb` gives each 64-bit lane the
@@ -2776,14 +2845,15 @@ mod tests {
     use super::*;
 
     /// AVX2 widening writes the scalar widening's bytes: 2- and 3-bit rows of whole 64-code steps, a 32-code
-    /// tail, and one step only (its masked loads stay in the row).
+    /// tail, and one step only (its masked loads stay in the row); 5- and 6-bit rows in steps of 32 codes,
+    /// the last ones (whose 16-byte loads would pass the row's end) done by the scalar widening.
     #[test]
     fn avx2_widening_equals_the_scalar_one() {
         if !has_avx2() {
             return;
         }
         let mut seed = 0x9e37_79b9u32;
-        for bits in [2u32, 3] {
+        for bits in [2u32, 3, 5, 6] {
             for codes in [32usize, 64, 96, 128, 2048, 2080] {
                 let bytes: Vec<u8> = (0..codes * bits as usize / 8)
                     .map(|_| {
@@ -2791,11 +2861,12 @@ mod tests {
                         (seed >> 24) as u8
                     })
                     .collect();
-                let mut want = vec![0u8; codes / 2];
+                let len = crate::quant::affine::widened_len(codes, bits);
+                let mut want = vec![0u8; len];
                 crate::quant::affine::widen(&bytes, bits, &mut want);
-                let mut got = vec![0xaau8; codes / 2 + 8];
-                let n = unsafe { widen_avx2(&bytes, bits, &mut got) };
-                assert_eq!(n, codes / 2);
+                let mut got = vec![0xaau8; len + 8];
+                let n = widen_x86(&bytes, bits, &mut got);
+                assert_eq!(n, len);
                 assert_eq!(got[..n], want[..], "{bits}-bit, {codes} codes");
                 assert!(got[n..].iter().all(|&b| b == 0xaa));
             }
