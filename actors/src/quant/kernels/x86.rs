@@ -549,116 +549,62 @@ pub fn has_vbmi() -> bool {
         && is_x86_feature_detected!("avx512vbmi")
 }
 
-/// [`super::Dots::widen`] where AVX2 is the best widening there is: 2- and 3-bit rows with [`widen_avx2`],
-/// 5- and 6-bit ones with [`widen_avx2_bytes`].
+/// [`super::Dots::widen`] where AVX2 is the best widening there is: 2-, 3-, 5- and 6-bit rows with
+/// [`widen_avx2`].
 #[inline(always)]
 fn widen_x86(packed: &[u8], bits: u32, out: &mut [u8]) -> usize {
     // SAFETY: both sets that call this have AVX2.
-    unsafe {
-        match bits {
-            2 | 3 => widen_avx2(packed, bits, out),
-            5 | 6 => widen_avx2_bytes(packed, bits, out),
-            _ => super::widen_into(packed, bits, out),
-        }
+    match bits {
+        2 | 3 => unsafe { widen_avx2::<4>(packed, bits, out) },
+        5 | 6 => unsafe { widen_avx2::<8>(packed, bits, out) },
+        _ => super::widen_into(packed, bits, out),
     }
 }
 
-/// [`crate::quant::affine::widen`] of 2- and 3-bit rows to 4 bits with AVX2, 64 codes per step: each 32-bit
-/// lane takes the `bits` bytes of its eight codes (`vpshufb`, each 128-bit half from its own masked load),
-/// and three mask-and-shift steps move the codes to 4-bit strides, as `affine::spread` does in 64-bit words
-/// (which does the tail of fewer than 64 codes). Returns the bytes written. The row's bytes are fetched
+/// [`crate::quant::affine::widen`] with AVX2, 32 bytes out per step: 2- and 3-bit rows to `D = 4` bits (64
+/// codes a step, in 32-bit lanes), 5- and 6-bit ones to a byte per code (`D = 8`: 32 codes, in 64-bit lanes). Each lane takes
+/// the `bits` bytes of its eight codes (`vpshufb`, each 128-bit half from its own load: masked to the half's
+/// whole dwords, or 16 bytes for 5-bit rows, whose halves are 10), and three mask-and-shift steps move the
+/// codes to their strides, as `affine::spread` does in 64-bit words (which does the tail, and 5-bit steps
+/// whose second load would pass the row's end). Returns the bytes written. The row's bytes are fetched
 /// [`PREFETCH`] ahead.
 ///
 /// # Safety
 /// Needs AVX2.
 #[target_feature(enable = "avx2")]
-unsafe fn widen_avx2(bytes: &[u8], bits: u32, out: &mut [u8]) -> usize {
-    debug_assert!(matches!(bits, 2 | 3));
+unsafe fn widen_avx2<const D: usize>(bytes: &[u8], bits: u32, out: &mut [u8]) -> usize {
+    debug_assert!(matches!((D, bits), (4, 2 | 3) | (8, 5 | 6)));
     let b = bits as usize;
+    // Codes leave in `D` bits (a constant: divisions by it are shifts); a lane of `8·D` bits takes eight.
     let codes = bytes.len() * 8 / b;
-    let len = codes / 2;
+    let len = codes * D / 8;
     assert!(
         out.len() >= len,
         "widen_avx2: {} bytes for {len}",
         out.len()
     );
-    let steps = codes / 64;
-    // Per half: dword `j` takes bytes `b·j..b·j + b`, the rest zero.
-    let order: [i8; 16] = std::array::from_fn(|o| {
-        let (j, i) = (o / 4, o % 4);
-        if i < b { (b * j + i) as i8 } else { -1 }
-    });
-    let order = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(order.as_ptr() as *const _)) };
-    // The first `b` dwords of a half: its `4·b` bytes.
-    let load = _mm_setr_epi32(-1, -1, if b == 3 { -1 } else { 0 }, 0);
-    // Step `k` splits runs of `8 >> k` codes: the lower half stays (`field` bits at `lo`), the upper half
-    // moves up by `(4 >> k)·(4 − bits)` bits.
-    let mut spread = [(
-        _mm256_setzero_si256(),
-        _mm256_setzero_si256(),
-        _mm_setzero_si128(),
-    ); 3];
-    for (k, st) in spread.iter_mut().enumerate() {
-        let (h, m) = (4 >> k, 8 >> k);
-        let field = (1u32 << (h * bits)) - 1;
-        let lo = (0..32 / (4 * m)).fold(0u32, |a, i| a | field << (4 * m * i));
-        *st = (
-            _mm256_set1_epi32(lo as i32),
-            _mm256_set1_epi32((lo << (h * bits)) as i32),
-            _mm_cvtsi32_si128((h * (4 - bits)) as i32),
-        );
-    }
-    let p = bytes.as_ptr();
-    for s in 0..steps {
-        unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(s * 8 * b + PREFETCH) as *const i8);
-            let at = p.add(s * 8 * b) as *const i32;
-            let v = _mm256_set_m128i(
-                _mm_maskload_epi32(at.add(b), load),
-                _mm_maskload_epi32(at, load),
-            );
-            let mut x = _mm256_shuffle_epi8(v, order);
-            for &(lo, hi, shift) in &spread {
-                let up = _mm256_sll_epi32(_mm256_and_si256(x, hi), shift);
-                x = _mm256_or_si256(_mm256_and_si256(x, lo), up);
-            }
-            _mm256_storeu_si256(out.as_mut_ptr().add(32 * s) as *mut __m256i, x);
-        }
-    }
-    crate::quant::affine::widen(&bytes[steps * 8 * b..], bits, &mut out[steps * 32..len]);
-    len
-}
-
-/// [`crate::quant::affine::widen`] of 5- and 6-bit rows to a byte per code with AVX2, 32 codes per step: each
-/// 64-bit lane takes the `bits` bytes of its eight codes (`vpshufb`, each 128-bit half from its own load), and
-/// three mask-and-shift steps move the codes to byte strides, as `affine::spread` does in 64-bit words (which
-/// does the steps whose second load would pass the row's end). Returns the bytes written.
-///
-/// # Safety
-/// Needs AVX2.
-#[target_feature(enable = "avx2")]
-unsafe fn widen_avx2_bytes(bytes: &[u8], bits: u32, out: &mut [u8]) -> usize {
-    debug_assert!(matches!(bits, 5 | 6));
-    let b = bits as usize;
-    let codes = bytes.len() * 8 / b;
-    assert!(
-        out.len() >= codes,
-        "widen_avx2_bytes: {} bytes for {codes}",
-        out.len()
-    );
-    // Steps whose upper half (16 bytes from `2·b` into the step's `4·b`) lies in the row.
-    let steps = match bytes.len().checked_sub(2 * b + 16) {
-        Some(room) => (room / (4 * b) + 1).min(codes / 32),
-        None => 0,
+    // A step's codes, and the bytes of each 128-bit half's.
+    let (per_step, half) = (256 / D, 16 * b / D);
+    // Halves of whole dwords load only those (a scalar tail of the last step's codes measured ~6 % slower
+    // 2- and 3-bit decode); the others 16 bytes, in the steps whose upper half's load lies in the row.
+    let whole = half.is_multiple_of(4);
+    let load = _mm_setr_epi32(-1, -1, if half > 8 { -1 } else { 0 }, 0);
+    let steps = if whole {
+        codes / per_step
+    } else {
+        bytes
+            .len()
+            .checked_sub(half + 16)
+            .map_or(0, |room| (room / (2 * half) + 1).min(codes / per_step))
     };
-    // Per half: qword `j` takes bytes `b·j..b·j + b`, the rest zero.
+    // Per half: lane `j` takes bytes `b·j..b·j + b`, the rest zero.
     let order: [i8; 16] = std::array::from_fn(|o| {
-        let (j, i) = (o / 8, o % 8);
+        let (j, i) = (o / D, o % D);
         if i < b { (b * j + i) as i8 } else { -1 }
     });
     let order = unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(order.as_ptr() as *const _)) };
-    // Step `k` splits runs of `8 >> k` codes: the lower half stays, the upper half moves up by
-    // `(4 >> k)·(8 − bits)` bits.
+    // Step `k` splits runs of `8 >> k` codes: the lower half stays (`field` bits at `lo`), the upper half
+    // moves up by `(4 >> k)·(D − bits)` bits, within its lane (so 64-bit shifts serve 32-bit lanes too).
     let mut spread = [(
         _mm256_setzero_si256(),
         _mm256_setzero_si256(),
@@ -667,22 +613,29 @@ unsafe fn widen_avx2_bytes(bytes: &[u8], bits: u32, out: &mut [u8]) -> usize {
     for (k, st) in spread.iter_mut().enumerate() {
         let (h, m) = (4 >> k, 8 >> k);
         let field = (1u64 << (h * b)) - 1;
-        let lo = (0..8 / m).fold(0u64, |a, i| a | field << (8 * m * i));
+        let lo = (0..64 / (m * D)).fold(0u64, |a, i| a | field << (m * D * i));
         *st = (
             _mm256_set1_epi64x(lo as i64),
             _mm256_set1_epi64x((lo << (h * b)) as i64),
-            _mm_cvtsi32_si128((h * (8 - b)) as i32),
+            _mm_cvtsi32_si128((h * (D - b)) as i32),
         );
     }
     let p = bytes.as_ptr();
     for s in 0..steps {
         unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(s * 4 * b + PREFETCH) as *const i8);
-            let at = p.add(s * 4 * b);
-            let v = _mm256_set_m128i(
-                _mm_loadu_si128(at.add(2 * b) as *const _),
-                _mm_loadu_si128(at as *const _),
-            );
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(s * 2 * half + PREFETCH) as *const i8);
+            let at = p.add(s * 2 * half);
+            let v = if whole {
+                _mm256_set_m128i(
+                    _mm_maskload_epi32(at.add(half) as *const i32, load),
+                    _mm_maskload_epi32(at as *const i32, load),
+                )
+            } else {
+                _mm256_set_m128i(
+                    _mm_loadu_si128(at.add(half) as *const _),
+                    _mm_loadu_si128(at as *const _),
+                )
+            };
             let mut x = _mm256_shuffle_epi8(v, order);
             for &(lo, hi, shift) in &spread {
                 let up = _mm256_sll_epi64(_mm256_and_si256(x, hi), shift);
@@ -691,8 +644,8 @@ unsafe fn widen_avx2_bytes(bytes: &[u8], bits: u32, out: &mut [u8]) -> usize {
             _mm256_storeu_si256(out.as_mut_ptr().add(32 * s) as *mut __m256i, x);
         }
     }
-    crate::quant::affine::widen(&bytes[steps * 4 * b..], bits, &mut out[steps * 32..codes]);
-    codes
+    crate::quant::affine::widen(&bytes[steps * 2 * half..], bits, &mut out[steps * 32..len]);
+    len
 }
 
 /// [`crate::quant::affine::widen`] with AVX-512 VBMI, 64 codes per step: `vpermb` gives each 64-bit lane the
@@ -2844,9 +2797,9 @@ unsafe fn dot4_f32_avx512_xn_g32<const N: usize>(
 mod tests {
     use super::*;
 
-    /// AVX2 widening writes the scalar widening's bytes: 2- and 3-bit rows of whole 64-code steps, a 32-code
-    /// tail, and one step only (its masked loads stay in the row); 5- and 6-bit rows in steps of 32 codes,
-    /// the last ones (whose 16-byte loads would pass the row's end) done by the scalar widening.
+    /// AVX2 widening writes the scalar widening's bytes: 2- and 3-bit rows in steps of 64 codes, 5- and 6-bit
+    /// ones of 32, tails (and 5-bit steps whose 16-byte loads would pass the row's end) done by the scalar
+    /// widening, and nothing past the row's widened bytes.
     #[test]
     fn avx2_widening_equals_the_scalar_one() {
         if !has_avx2() {
