@@ -16,11 +16,31 @@ struct Avx512;
 impl Dots for Avx2 {
     #[inline(always)]
     fn dot4_f32(row: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
-        unsafe { dot4_f32_avx2(row, x, scales, group) }
+        unsafe { dot4_f32_xn_avx2(row, [x], scales, group)[0] }
     }
     #[inline(always)]
     fn dot4_i8(row: &[u8], xq: Q8, scales: &[f32], dx: &[f32], group: usize) -> f32 {
-        unsafe { dot4_i8_avx2(row, xq, scales, dx, group) }
+        unsafe { dot4_i8_xn_avx2(row, [xq], scales, [dx], group)[0] }
+    }
+    #[inline(always)]
+    fn dot4_f32_xn<const N: usize>(
+        row: &[u8],
+        x: [&[f32]; N],
+        scales: &[f32],
+        group: usize,
+    ) -> [f32; N] {
+        unsafe { dot4_f32_xn_avx2(row, x, scales, group) }
+    }
+    #[inline(always)]
+    fn dot4_i8_xn<const N: usize>(
+        row: &[u8],
+        xq: [Q8; N],
+        (scales, biases): (&[f32], &[f32]),
+        (dx, xsum): ([&[f32]; N], [&[f32]; N]),
+        group: usize,
+    ) -> [f32; N] {
+        let dots = unsafe { dot4_i8_xn_avx2(row, xq, scales, dx, group) };
+        std::array::from_fn(|t| dots[t] + super::bias_dot(biases, xsum[t]))
     }
     #[inline(always)]
     fn dot_f32(codes: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
@@ -850,14 +870,24 @@ unsafe fn dot4_f32_avx512_g32(packed: &[u8], x: &[f32], scales: &[f32]) -> f32 {
     _mm512_reduce_add_ps(acc)
 }
 
+/// Packed 4-bit rows × `N` tokens' permuted f32 activations: each eight codes are converted once for all
+/// the tokens, and each token's sums are taken in the order one token alone takes them, so its result is the
+/// same to the bit in a block of tokens or alone (prefill and decode agree).
+///
 /// # Safety
 /// Needs AVX2 + FMA; see the module note on lengths.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot4_f32_avx2(packed: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let (p, xp) = (packed.as_ptr(), x.as_ptr());
-    // 32 codes in a register → four FMAs of 8 against x[0..32].
-    let fma32 = |codes: __m256i, x: *const f32, mut a: __m256| -> __m256 {
+pub unsafe fn dot4_f32_xn_avx2<const N: usize>(
+    packed: &[u8],
+    x: [&[f32]; N],
+    scales: &[f32],
+    group: usize,
+) -> [f32; N] {
+    let mut acc = [_mm256_setzero_ps(); N];
+    let p = packed.as_ptr();
+    let xp: [*const f32; N] = std::array::from_fn(|t| x[t].as_ptr());
+    // 32 codes in a register → per token four FMAs of 8 against its x[at..at + 32].
+    let fma32 = |codes: __m256i, at: usize, a: &mut [__m256; N]| {
         let lo = _mm256_castsi256_si128(codes);
         let hi = _mm256_extracti128_si256(codes, 1);
         for (i, part) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
@@ -865,19 +895,21 @@ pub unsafe fn dot4_f32_avx2(packed: &[u8], x: &[f32], scales: &[f32], group: usi
             .enumerate()
         {
             let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part));
-            a = _mm256_fmadd_ps(f, unsafe { _mm256_loadu_ps(x.add(8 * i)) }, a);
+            for t in 0..N {
+                // SAFETY: `at + 32` is within each token's row of activations.
+                a[t] = _mm256_fmadd_ps(f, unsafe { _mm256_loadu_ps(xp[t].add(at + 8 * i)) }, a[t]);
+            }
         }
-        a
     };
     for (g, &s) in scales.iter().enumerate() {
-        let mut a = _mm256_setzero_ps();
+        let mut a = [_mm256_setzero_ps(); N];
         let (base, end) = (g * group, (g + 1) * group);
         unsafe {
             if group == 32 {
-                a = fma32(
+                fma32(
                     nibbles_of_16(_mm_loadu_si128(p.add(base / 2) as *const __m128i)),
-                    xp.add(base),
-                    a,
+                    base,
+                    &mut a,
                 );
             } else {
                 let mut j = base;
@@ -885,15 +917,17 @@ pub unsafe fn dot4_f32_avx2(packed: &[u8], x: &[f32], scales: &[f32], group: usi
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(j / 2 + PREFETCH) as *const i8);
                     let (lo, hi) =
                         split_nibbles(_mm256_loadu_si256(p.add(j / 2) as *const __m256i));
-                    a = fma32(lo, xp.add(j), a);
-                    a = fma32(hi, xp.add(j + 32), a);
+                    fma32(lo, j, &mut a);
+                    fma32(hi, j + 32, &mut a);
                     j += 64;
                 }
             }
         }
-        acc = _mm256_fmadd_ps(a, _mm256_set1_ps(s), acc);
+        for t in 0..N {
+            acc[t] = _mm256_fmadd_ps(a[t], _mm256_set1_ps(s), acc[t]);
+        }
     }
-    hsum256(acc)
+    acc.map(|a| hsum256(a))
 }
 
 /// # Safety
@@ -1126,49 +1160,66 @@ unsafe fn dot4_i8_vnni_g32(packed: &[u8], xq: Q8, scales: &[f32], dx: &[f32]) ->
     hsum256(acc)
 }
 
+/// Packed 4-bit rows × `N` tokens' permuted int8 activations: each 64 codes are unpacked once for all the
+/// tokens; each token's sums are those of one token alone (integer, then per group in the same order), so its
+/// result is the same to the bit in a block of tokens or alone.
+///
 /// # Safety
 /// Needs AVX2 + FMA; see the module note on lengths.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot4_i8_avx2(packed: &[u8], xq: Q8, scales: &[f32], dx: &[f32], group: usize) -> f32 {
+pub unsafe fn dot4_i8_xn_avx2<const N: usize>(
+    packed: &[u8],
+    xq: [Q8; N],
+    scales: &[f32],
+    dx: [&[f32]; N],
+    group: usize,
+) -> [f32; N] {
     let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
-    let (p, q, r) = (packed.as_ptr(), xq.q.as_ptr(), xq.r.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); N];
+    let p = packed.as_ptr();
     let ld = |a: *const i8| unsafe { _mm256_loadu_si256(a as *const __m256i) };
     // Codes ≤ 15: pairs of u8 × i8 products fit i16 without saturation.
-    let dot = |c: __m256i, x: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), ones);
-    for (g, (&s, &d)) in scales.iter().zip(dx).enumerate() {
-        let (mut iq, mut ir) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    let dot = |c: __m256i, x: *const i8| _mm256_madd_epi16(_mm256_maddubs_epi16(c, ld(x)), ones);
+    for (g, &s) in scales.iter().enumerate() {
+        let (mut iq, mut ir) = ([_mm256_setzero_si256(); N], [_mm256_setzero_si256(); N]);
         let (base, end) = (g * group, (g + 1) * group);
         unsafe {
             if group == 32 {
                 let c = nibbles_of_16(_mm_loadu_si128(p.add(base / 2) as *const __m128i));
-                iq = _mm256_add_epi32(iq, dot(c, ld(q.add(base))));
-                ir = _mm256_add_epi32(ir, dot(c, ld(r.add(base))));
+                for t in 0..N {
+                    iq[t] = _mm256_add_epi32(iq[t], dot(c, xq[t].q.as_ptr().add(base)));
+                    ir[t] = _mm256_add_epi32(ir[t], dot(c, xq[t].r.as_ptr().add(base)));
+                }
             } else {
                 let mut j = base;
                 while j < end {
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(j / 2 + PREFETCH) as *const i8);
                     let (lo, hi) =
                         split_nibbles(_mm256_loadu_si256(p.add(j / 2) as *const __m256i));
-                    iq = _mm256_add_epi32(
-                        iq,
-                        _mm256_add_epi32(dot(lo, ld(q.add(j))), dot(hi, ld(q.add(j + 32)))),
-                    );
-                    ir = _mm256_add_epi32(
-                        ir,
-                        _mm256_add_epi32(dot(lo, ld(r.add(j))), dot(hi, ld(r.add(j + 32)))),
-                    );
+                    for t in 0..N {
+                        let (q, r) = (xq[t].q.as_ptr().add(j), xq[t].r.as_ptr().add(j));
+                        iq[t] = _mm256_add_epi32(
+                            iq[t],
+                            _mm256_add_epi32(dot(lo, q), dot(hi, q.add(32))),
+                        );
+                        ir[t] = _mm256_add_epi32(
+                            ir[t],
+                            _mm256_add_epi32(dot(lo, r), dot(hi, r.add(32))),
+                        );
+                    }
                     j += 64;
                 }
             }
         }
-        acc = _mm256_fmadd_ps(
-            _mm256_cvtepi32_ps(combine(iq, ir)),
-            _mm256_set1_ps(s * d),
-            acc,
-        );
+        for t in 0..N {
+            acc[t] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(combine(iq[t], ir[t])),
+                _mm256_set1_ps(s * dx[t][g]),
+                acc[t],
+            );
+        }
     }
-    hsum256(acc)
+    acc.map(|a| hsum256(a))
 }
 
 /// # Safety
