@@ -16,7 +16,7 @@ struct Avx512;
 impl Dots for Avx2 {
     #[inline(always)]
     fn dot4_f32(row: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
-        unsafe { dot4_f32_xn_avx2(row, [x], scales, group)[0] }
+        unsafe { dot4_f32_rows_avx2([row], x, [scales], group)[0] }
     }
     #[inline(always)]
     fn dot4_i8(row: &[u8], xq: Q8, scales: &[f32], dx: &[f32], group: usize) -> f32 {
@@ -30,6 +30,16 @@ impl Dots for Avx2 {
         group: usize,
     ) -> [f32; N] {
         unsafe { dot4_f32_xn_avx2(row, x, scales, group) }
+    }
+    #[inline(always)]
+    fn dot4_f32_rows4(
+        rows: [&[u8]; 4],
+        x: &[f32],
+        scales: [&[f32]; 4],
+        group: usize,
+        _stream: bool,
+    ) -> [f32; 4] {
+        unsafe { dot4_f32_rows_avx2(rows, x, scales, group) }
     }
     #[inline(always)]
     fn dot4_i8_xn<const N: usize>(
@@ -925,6 +935,71 @@ pub unsafe fn dot4_f32_xn_avx2<const N: usize>(
         }
         for t in 0..N {
             acc[t] = _mm256_fmadd_ps(a[t], _mm256_set1_ps(s), acc[t]);
+        }
+    }
+    acc.map(|a| hsum256(a))
+}
+
+/// `R` packed 4-bit rows × one token's permuted f32 activations, each row's sums in the order
+/// [`dot4_f32_xn_avx2`] takes them (so a row's result is the same to the bit alone, beside others, or against
+/// a block of tokens). Four rows (decode) give four independent chains of FMAs where one row alone waits on
+/// each FMA's latency, and read the activations once for all.
+///
+/// # Safety
+/// Needs AVX2 + FMA; see the module note on lengths (every row holds `scales[r].len()` groups).
+#[allow(clippy::needless_range_loop)] // `scales[r][g]`: group `g` of every row
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot4_f32_rows_avx2<const R: usize>(
+    rows: [&[u8]; R],
+    x: &[f32],
+    scales: [&[f32]; R],
+    group: usize,
+) -> [f32; R] {
+    let mut acc = [_mm256_setzero_ps(); R];
+    let xp = x.as_ptr();
+    // 32 codes of one row in a register → four FMAs of 8 against x[at..at + 32].
+    let fma32 = |codes: __m256i, at: usize, a: &mut __m256| {
+        let lo = _mm256_castsi256_si128(codes);
+        let hi = _mm256_extracti128_si256(codes, 1);
+        for (i, part) in [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)]
+            .into_iter()
+            .enumerate()
+        {
+            let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part));
+            // SAFETY: `at + 32` is within the row of activations.
+            *a = _mm256_fmadd_ps(f, unsafe { _mm256_loadu_ps(xp.add(at + 8 * i)) }, *a);
+        }
+    };
+    for g in 0..scales[0].len() {
+        let mut a = [_mm256_setzero_ps(); R];
+        let (base, end) = (g * group, (g + 1) * group);
+        unsafe {
+            if group == 32 {
+                for r in 0..R {
+                    let p = rows[r].as_ptr().add(base / 2);
+                    fma32(
+                        nibbles_of_16(_mm_loadu_si128(p as *const __m128i)),
+                        base,
+                        &mut a[r],
+                    );
+                }
+            } else {
+                let mut j = base;
+                while j < end {
+                    for r in 0..R {
+                        let p = rows[r].as_ptr();
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(j / 2 + PREFETCH) as *const i8);
+                        let (lo, hi) =
+                            split_nibbles(_mm256_loadu_si256(p.add(j / 2) as *const __m256i));
+                        fma32(lo, j, &mut a[r]);
+                        fma32(hi, j + 32, &mut a[r]);
+                    }
+                    j += 64;
+                }
+            }
+        }
+        for r in 0..R {
+            acc[r] = _mm256_fmadd_ps(a[r], _mm256_set1_ps(scales[r][g]), acc[r]);
         }
     }
     acc.map(|a| hsum256(a))
