@@ -1872,30 +1872,32 @@ mod tests {
         }
     }
 
-    /// AVX2 takes a row's codes once for a block of tokens (prefill) and once per token alone (decode): each
-    /// token's outputs are the same to the bit either way. 256 columns take blocks of eight f32 tokens at most
-    /// (11 = 5 + 6); 2- and 3-bit rows widened to 4 bits.
-    #[cfg(target_arch = "x86_64")]
+    /// AVX2 and NEON take a row's codes once for a block of tokens (prefill) and once per token alone
+    /// (decode; AVX2 f32 four rows at once): each token's outputs are the same to the bit either way. 256
+    /// columns take blocks of eight f32 tokens at most (11 = 5 + 6); 2- and 3-bit rows widened to 4 bits.
     #[test]
-    fn avx2_token_blocks_equal_one_token_at_a_time() {
-        if !Isa::available().contains(&Isa::Avx2) {
-            return;
-        }
+    fn token_blocks_equal_one_token_at_a_time() {
         let (rows, cols, t) = (21, 256, 11);
         let x = activations(t * cols);
-        for (bits, group) in [(4, 32), (4, 64), (4, 128), (2, 64), (3, 32)] {
-            let m = matrix(rows, cols, bits, group, 9);
-            for act in [Activations::F32, Activations::Int8] {
-                let mut all = vec![0f32; t * rows];
-                affine_matmul_isa(Isa::Avx2, &m, &x, &mut all, act);
-                for k in 0..t {
-                    let mut one = vec![0f32; rows];
-                    affine_matmul_isa(Isa::Avx2, &m, &x[k * cols..(k + 1) * cols], &mut one, act);
-                    assert_eq!(
-                        one,
-                        all[k * rows..(k + 1) * rows],
-                        "bits {bits} g {group} {act:?} token {k}"
-                    );
+        let isas = Isa::available();
+        for isa in isas
+            .into_iter()
+            .filter(|i| matches!(i, Isa::Avx2 | Isa::Neon))
+        {
+            for (bits, group) in [(4, 32), (4, 64), (4, 128), (2, 64), (3, 32)] {
+                let m = matrix(rows, cols, bits, group, 9);
+                for act in [Activations::F32, Activations::Int8] {
+                    let mut all = vec![0f32; t * rows];
+                    affine_matmul_isa(isa, &m, &x, &mut all, act);
+                    for k in 0..t {
+                        let mut one = vec![0f32; rows];
+                        affine_matmul_isa(isa, &m, &x[k * cols..(k + 1) * cols], &mut one, act);
+                        assert_eq!(
+                            one,
+                            all[k * rows..(k + 1) * rows],
+                            "{isa:?} bits {bits} g {group} {act:?} token {k}"
+                        );
+                    }
                 }
             }
         }

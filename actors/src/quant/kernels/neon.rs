@@ -10,11 +10,31 @@ struct Neon;
 impl Dots for Neon {
     #[inline(always)]
     fn dot4_f32(row: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
-        unsafe { dot4_f32(row, x, scales, group) }
+        unsafe { dot4_f32_xn(row, [x], scales, group)[0] }
     }
     #[inline(always)]
     fn dot4_i8(row: &[u8], xq: Q8, scales: &[f32], dx: &[f32], group: usize) -> f32 {
-        unsafe { dot4_i8(row, xq, scales, dx, group) }
+        unsafe { dot4_i8_xn(row, [xq], scales, [dx], group)[0] }
+    }
+    #[inline(always)]
+    fn dot4_f32_xn<const N: usize>(
+        row: &[u8],
+        x: [&[f32]; N],
+        scales: &[f32],
+        group: usize,
+    ) -> [f32; N] {
+        unsafe { dot4_f32_xn(row, x, scales, group) }
+    }
+    #[inline(always)]
+    fn dot4_i8_xn<const N: usize>(
+        row: &[u8],
+        xq: [Q8; N],
+        (scales, biases): (&[f32], &[f32]),
+        (dx, xsum): ([&[f32]; N], [&[f32]; N]),
+        group: usize,
+    ) -> [f32; N] {
+        let dots = unsafe { dot4_i8_xn(row, xq, scales, dx, group) };
+        std::array::from_fn(|t| dots[t] + super::bias_dot(biases, xsum[t]))
     }
     #[inline(always)]
     fn dot_f32(codes: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
@@ -56,7 +76,20 @@ unsafe fn fma8(c: uint8x8_t, x: *const f32, a0: &mut float32x4_t, a1: &mut float
 #[inline]
 #[target_feature(enable = "neon")]
 fn mla8(c: uint8x8_t, q: int8x8_t, isum: int32x4_t) -> int32x4_t {
-    let c = vreinterpretq_s16_u16(vmovl_u8(c));
+    mla8_wide(widen8(c), q, isum)
+}
+
+/// 8 byte codes as i16 lanes, for [`mla8_wide`].
+#[inline]
+#[target_feature(enable = "neon")]
+fn widen8(c: uint8x8_t) -> int16x8_t {
+    vreinterpretq_s16_u16(vmovl_u8(c))
+}
+
+/// [`mla8`] of codes already widened by [`widen8`].
+#[inline]
+#[target_feature(enable = "neon")]
+fn mla8_wide(c: int16x8_t, q: int8x8_t, isum: int32x4_t) -> int32x4_t {
     let q = vmovl_s8(q);
     let isum = vmlal_s16(isum, vget_low_s16(c), vget_low_s16(q));
     vmlal_s16(isum, vget_high_s16(c), vget_high_s16(q))
@@ -75,55 +108,87 @@ unsafe fn chunk_codes(p: *const u8, chunk: usize, mut f: impl FnMut(uint8x16_t, 
     }
 }
 
+/// Packed 4-bit rows × `N` tokens' permuted f32 activations: each eight codes are converted once for all
+/// the tokens, and each token's sums are taken in the order one token alone takes them, so its result is the
+/// same to the bit in a block of tokens or alone (prefill and decode agree).
+///
 /// # Safety
 /// See the module note on lengths.
 #[target_feature(enable = "neon")]
-pub unsafe fn dot4_f32(packed: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
+pub unsafe fn dot4_f32_xn<const N: usize>(
+    packed: &[u8],
+    x: [&[f32]; N],
+    scales: &[f32],
+    group: usize,
+) -> [f32; N] {
     let chunk = group.min(64);
-    let mut acc = vdupq_n_f32(0.0);
+    let mut acc = [vdupq_n_f32(0.0); N];
     for (g, &s) in scales.iter().enumerate() {
-        let (mut a0, mut a1) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+        let mut a = [[vdupq_n_f32(0.0); 2]; N];
         for j in (g * group..(g + 1) * group).step_by(chunk) {
             unsafe {
                 chunk_codes(packed.as_ptr().add(j / 2), chunk, |c, off| {
-                    fma8(vget_low_u8(c), x.as_ptr().add(j + off), &mut a0, &mut a1);
-                    fma8(
-                        vget_high_u8(c),
-                        x.as_ptr().add(j + off + 8),
-                        &mut a0,
-                        &mut a1,
-                    );
+                    for (half, c) in [vget_low_u8(c), vget_high_u8(c)].into_iter().enumerate() {
+                        // Eight codes as two f32 vectors, against each token's x[at..at + 8].
+                        let w = vmovl_u8(c);
+                        let f = [
+                            vcvtq_f32_u32(vmovl_u16(vget_low_u16(w))),
+                            vcvtq_f32_u32(vmovl_u16(vget_high_u16(w))),
+                        ];
+                        let at = j + off + 8 * half;
+                        for t in 0..N {
+                            let xp = x[t].as_ptr().add(at);
+                            a[t][0] = vfmaq_f32(a[t][0], f[0], vld1q_f32(xp));
+                            a[t][1] = vfmaq_f32(a[t][1], f[1], vld1q_f32(xp.add(4)));
+                        }
+                    }
                 });
             }
         }
-        acc = vfmaq_n_f32(acc, vaddq_f32(a0, a1), s);
+        for t in 0..N {
+            acc[t] = vfmaq_n_f32(acc[t], vaddq_f32(a[t][0], a[t][1]), s);
+        }
     }
-    vaddvq_f32(acc)
+    acc.map(|a| vaddvq_f32(a))
 }
 
+/// Packed 4-bit rows × `N` tokens' permuted int8 activations: each eight codes are widened once for all
+/// the tokens; each token's sums are those of one token alone (integer, then per group in the same order),
+/// so its result is the same to the bit in a block of tokens or alone.
+///
 /// # Safety
 /// See the module note on lengths.
 #[target_feature(enable = "neon")]
-pub unsafe fn dot4_i8(packed: &[u8], xq: Q8, scales: &[f32], dx: &[f32], group: usize) -> f32 {
+pub unsafe fn dot4_i8_xn<const N: usize>(
+    packed: &[u8],
+    xq: [Q8; N],
+    scales: &[f32],
+    dx: [&[f32]; N],
+    group: usize,
+) -> [f32; N] {
     let chunk = group.min(64);
-    let mut acc = vdupq_n_f32(0.0);
-    for (g, (&s, &d)) in scales.iter().zip(dx).enumerate() {
-        let (mut iq, mut ir) = (vdupq_n_s32(0), vdupq_n_s32(0));
+    let mut acc = [vdupq_n_f32(0.0); N];
+    for (g, &s) in scales.iter().enumerate() {
+        let (mut iq, mut ir) = ([vdupq_n_s32(0); N], [vdupq_n_s32(0); N]);
         for j in (g * group..(g + 1) * group).step_by(chunk) {
             unsafe {
                 chunk_codes(packed.as_ptr().add(j / 2), chunk, |c, off| {
-                    let at = j + off;
-                    iq = mla8(vget_low_u8(c), vld1_s8(xq.q.as_ptr().add(at)), iq);
-                    iq = mla8(vget_high_u8(c), vld1_s8(xq.q.as_ptr().add(at + 8)), iq);
-                    ir = mla8(vget_low_u8(c), vld1_s8(xq.r.as_ptr().add(at)), ir);
-                    ir = mla8(vget_high_u8(c), vld1_s8(xq.r.as_ptr().add(at + 8)), ir);
+                    for (half, c) in [vget_low_u8(c), vget_high_u8(c)].into_iter().enumerate() {
+                        let (c, at) = (widen8(c), j + off + 8 * half);
+                        for t in 0..N {
+                            iq[t] = mla8_wide(c, vld1_s8(xq[t].q.as_ptr().add(at)), iq[t]);
+                            ir[t] = mla8_wide(c, vld1_s8(xq[t].r.as_ptr().add(at)), ir[t]);
+                        }
+                    }
                 });
             }
         }
-        let isum = vmlaq_n_s32(ir, iq, RESIDUAL);
-        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(isum), s * d);
+        for t in 0..N {
+            let isum = vmlaq_n_s32(ir[t], iq[t], RESIDUAL);
+            acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(isum), s * dx[t][g]);
+        }
     }
-    vaddvq_f32(acc)
+    acc.map(|a| vaddvq_f32(a))
 }
 
 /// # Safety
