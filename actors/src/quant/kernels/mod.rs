@@ -826,6 +826,29 @@ trait Dots {
         false
     }
 
+    /// [`Dots::dot_f32`] for `N` tokens at once.
+    #[inline(always)]
+    fn dot_f32_xn<const N: usize>(
+        codes: &[u8],
+        x: [&[f32]; N],
+        scales: &[f32],
+        group: usize,
+    ) -> [f32; N] {
+        std::array::from_fn(|i| Self::dot_f32(codes, x[i], scales, group))
+    }
+
+    /// [`Dots::dot_i8`] for `N` tokens at once (without the bias term).
+    #[inline(always)]
+    fn dot_i8_xn<const N: usize>(
+        codes: &[u8],
+        xq: [Q8; N],
+        scales: &[f32],
+        dx: [&[f32]; N],
+        group: usize,
+    ) -> [f32; N] {
+        std::array::from_fn(|i| Self::dot_i8(codes, xq[i], scales, dx[i], group))
+    }
+
     /// [`Dots::dot4_f32`] for `N` tokens at once.
     #[inline(always)]
     fn dot4_f32_xn<const N: usize>(
@@ -1413,12 +1436,12 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
             r += 4;
         }
     }
-    // Several tokens per pass over a 4-bit row (prefill, batched decode), in balanced blocks of at most
+    // Several tokens per pass over a row (prefill, batched decode), in balanced blocks of at most
     // eight or six (`width` below), so no token runs alone. Blocks outside, rows inside: a block's
     // activations stay in L1 while the task's rows (tens of KB) come again from L2 for each block.
     let left = px.tokens - first;
     // (One token in unit order takes the same kernel, as a block of one.)
-    let multi = nibbles && (left >= 2 || px.units);
+    let multi = left >= 2 || (nibbles && px.units);
     // f32 tokens take 4 bytes of L1 per column each: eight of them on rows of up to 1024 columns (2048×768
     // experts, 7 and 8 tokens, two threads: 13–15 % faster than two blocks), six on wider rows (768×2048: eight
     // in one block were ~20 % slower). int8 tokens in unit order (AVX-512) go in blocks of at most five: from
@@ -1433,7 +1456,7 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     let blocks = if multi { left.div_ceil(width) } else { 1 };
     for b in 0..blocks {
         let (t0, t1) = (first + left * b / blocks, first + left * (b + 1) / blocks);
-        if multi && K::rows_xn(m, px, out, r..r1, t0..t1) {
+        if multi && nibbles && K::rows_xn(m, px, out, r..r1, t0..t1) {
             continue;
         }
         for r in r..r1 {
@@ -1474,7 +1497,8 @@ fn affine_rows<K: Dots>(m: &AffineMatrix, px: &Prepared, out: &Out, r0: usize, r
     SCRATCH.with(|s| s.replace((codes, scales, biases)));
 }
 
-/// Tokens `t0..t0 + N` against 4-bit row `r` (`row`, with its scales and biases) in one pass.
+/// Tokens `t0..t0 + N` against row `r` (`row`: 4-bit, or widened to 4 bits or to a byte per code; with its
+/// scales and biases) in one pass.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn tokens_pass<K: Dots, const N: usize>(
@@ -1487,16 +1511,19 @@ fn tokens_pass<K: Dots, const N: usize>(
     r: usize,
     t0: usize,
 ) {
-    let dots = if px.xq.is_empty() {
-        let dots = K::dot4_f32_xn::<N>(
-            row,
-            std::array::from_fn(|k| px.xf_of(t0 + k)),
-            row_s,
-            px.group,
-        );
-        std::array::from_fn(|k| dots[k] + bias_dot(row_b, px.xsum_of(t0 + k)))
-    } else {
-        K::dot4_i8_xn::<N>(
+    let g = px.group;
+    // Rows of 4 bits or fewer come as nibbles (widened to 4 bits), wider ones as a byte per code.
+    let dots = match (px.xq.is_empty(), m.bits <= 4) {
+        (true, nibbles) => {
+            let x = std::array::from_fn(|k| px.xf_of(t0 + k));
+            let dots = if nibbles {
+                K::dot4_f32_xn::<N>(row, x, row_s, g)
+            } else {
+                K::dot_f32_xn::<N>(row, x, row_s, g)
+            };
+            std::array::from_fn(|k| dots[k] + bias_dot(row_b, px.xsum_of(t0 + k)))
+        }
+        (false, true) => K::dot4_i8_xn::<N>(
             row,
             std::array::from_fn(|k| px.xq_of(t0 + k)),
             (row_s, row_b),
@@ -1504,8 +1531,18 @@ fn tokens_pass<K: Dots, const N: usize>(
                 std::array::from_fn(|k| px.dx_of(t0 + k)),
                 std::array::from_fn(|k| px.xsum_of(t0 + k)),
             ),
-            px.group,
-        )
+            g,
+        ),
+        (false, false) => {
+            let dots = K::dot_i8_xn::<N>(
+                row,
+                std::array::from_fn(|k| px.xq_of(t0 + k)),
+                row_s,
+                std::array::from_fn(|k| px.dx_of(t0 + k)),
+                g,
+            );
+            std::array::from_fn(|k| dots[k] + bias_dot(row_b, px.xsum_of(t0 + k)))
+        }
     };
     for (k, d) in dots.into_iter().enumerate() {
         store(out, m.rows, r, t0 + k, d);
@@ -1874,7 +1911,8 @@ mod tests {
 
     /// AVX2 and NEON take a row's codes once for a block of tokens (prefill) and once per token alone
     /// (decode; AVX2 f32 four rows at once): each token's outputs are the same to the bit either way. 256
-    /// columns take blocks of eight f32 tokens at most (11 = 5 + 6); 2- and 3-bit rows widened to 4 bits.
+    /// columns take blocks of eight f32 tokens at most (11 = 5 + 6); 2- and 3-bit rows widened to 4 bits,
+    /// 6-bit ones to bytes (AVX2: a block of tokens per byte row too).
     #[test]
     fn token_blocks_equal_one_token_at_a_time() {
         let (rows, cols, t) = (21, 256, 11);
@@ -1884,7 +1922,15 @@ mod tests {
             .into_iter()
             .filter(|i| matches!(i, Isa::Avx2 | Isa::Neon))
         {
-            for (bits, group) in [(4, 32), (4, 64), (4, 128), (2, 64), (3, 32)] {
+            for (bits, group) in [
+                (4, 32),
+                (4, 64),
+                (4, 128),
+                (2, 64),
+                (3, 32),
+                (8, 64),
+                (6, 128),
+            ] {
                 let m = matrix(rows, cols, bits, group, 9);
                 for act in [Activations::F32, Activations::Int8] {
                     let mut all = vec![0f32; t * rows];

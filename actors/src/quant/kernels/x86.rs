@@ -54,11 +54,30 @@ impl Dots for Avx2 {
     }
     #[inline(always)]
     fn dot_f32(codes: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
-        unsafe { dot_f32_avx2(codes, x, scales, group) }
+        unsafe { dot_f32_xn_avx2(codes, [x], scales, group)[0] }
     }
     #[inline(always)]
     fn dot_i8(codes: &[u8], xq: Q8, scales: &[f32], dx: &[f32], group: usize) -> f32 {
-        unsafe { dot_i8_avx2(codes, xq, scales, dx, group) }
+        unsafe { dot_i8_xn_avx2(codes, [xq], scales, [dx], group)[0] }
+    }
+    #[inline(always)]
+    fn dot_f32_xn<const N: usize>(
+        codes: &[u8],
+        x: [&[f32]; N],
+        scales: &[f32],
+        group: usize,
+    ) -> [f32; N] {
+        unsafe { dot_f32_xn_avx2(codes, x, scales, group) }
+    }
+    #[inline(always)]
+    fn dot_i8_xn<const N: usize>(
+        codes: &[u8],
+        xq: [Q8; N],
+        scales: &[f32],
+        dx: [&[f32]; N],
+        group: usize,
+    ) -> [f32; N] {
+        unsafe { dot_i8_xn_avx2(codes, xq, scales, dx, group) }
     }
     #[inline(always)]
     fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
@@ -1033,31 +1052,41 @@ pub unsafe fn dot_f32_avx512(codes: &[u8], x: &[f32], scales: &[f32], group: usi
     _mm512_reduce_add_ps(acc)
 }
 
+/// Byte codes × `N` tokens' f32 activations: each sixteen codes are converted once for all the tokens, and
+/// each token's sums are taken in the order one token alone takes them (its result is the same to the bit).
+///
 /// # Safety
 /// Needs AVX2 + FMA; see the module note on lengths.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_f32_avx2(codes: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
-    let mut acc = _mm256_setzero_ps();
+pub unsafe fn dot_f32_xn_avx2<const N: usize>(
+    codes: &[u8],
+    x: [&[f32]; N],
+    scales: &[f32],
+    group: usize,
+) -> [f32; N] {
+    let mut acc = [_mm256_setzero_ps(); N];
     for (g, &s) in scales.iter().enumerate() {
-        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut a = [[_mm256_setzero_ps(); 2]; N];
         let mut j = g * group;
         while j < (g + 1) * group {
             unsafe {
                 let c = codes.as_ptr().add(j);
-                let xp = x.as_ptr().add(j);
-                let c0 =
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(c as *const __m128i)));
-                let c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                    c.add(8) as *const __m128i
-                )));
-                a0 = _mm256_fmadd_ps(c0, _mm256_loadu_ps(xp), a0);
-                a1 = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xp.add(8)), a1);
+                let f = [c, c.add(8)].map(|c| {
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(c as *const _)))
+                });
+                for t in 0..N {
+                    let xp = x[t].as_ptr().add(j);
+                    a[t][0] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xp), a[t][0]);
+                    a[t][1] = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xp.add(8)), a[t][1]);
+                }
             }
             j += 16;
         }
-        acc = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(s), acc);
+        for t in 0..N {
+            acc[t] = _mm256_fmadd_ps(_mm256_add_ps(a[t][0], a[t][1]), _mm256_set1_ps(s), acc[t]);
+        }
     }
-    hsum256(acc)
+    acc.map(|a| hsum256(a))
 }
 
 // ---- int8 activations ----
@@ -1324,32 +1353,46 @@ pub unsafe fn dot_i8_vnni(codes: &[u8], xq: Q8, scales: &[f32], dx: &[f32], grou
     hsum256(acc)
 }
 
+/// Byte codes × `N` tokens' int8 activations: each sixteen codes are widened once for all the tokens; each
+/// token's sums are those of one token alone (its result is the same to the bit).
+///
 /// # Safety
 /// Needs AVX2 + FMA; see the module note on lengths. Codes may reach 255 (8-bit), where `maddubs` could
 /// saturate, so both sides are widened to i16 first.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_i8_avx2(codes: &[u8], xq: Q8, scales: &[f32], dx: &[f32], group: usize) -> f32 {
-    let mut acc = _mm256_setzero_ps();
+pub unsafe fn dot_i8_xn_avx2<const N: usize>(
+    codes: &[u8],
+    xq: [Q8; N],
+    scales: &[f32],
+    dx: [&[f32]; N],
+    group: usize,
+) -> [f32; N] {
+    let mut acc = [_mm256_setzero_ps(); N];
     let wide = |a: *const i8| unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(a as *const __m128i)) };
-    for (g, (&s, &d)) in scales.iter().zip(dx).enumerate() {
-        let (mut iq, mut ir) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    for (g, &s) in scales.iter().enumerate() {
+        let (mut iq, mut ir) = ([_mm256_setzero_si256(); N], [_mm256_setzero_si256(); N]);
         let mut j = g * group;
         while j < (g + 1) * group {
             unsafe {
                 let c =
                     _mm256_cvtepu8_epi16(_mm_loadu_si128(codes.as_ptr().add(j) as *const __m128i));
-                iq = _mm256_add_epi32(iq, _mm256_madd_epi16(c, wide(xq.q.as_ptr().add(j))));
-                ir = _mm256_add_epi32(ir, _mm256_madd_epi16(c, wide(xq.r.as_ptr().add(j))));
+                for t in 0..N {
+                    let (q, r) = (xq[t].q.as_ptr().add(j), xq[t].r.as_ptr().add(j));
+                    iq[t] = _mm256_add_epi32(iq[t], _mm256_madd_epi16(c, wide(q)));
+                    ir[t] = _mm256_add_epi32(ir[t], _mm256_madd_epi16(c, wide(r)));
+                }
             }
             j += 16;
         }
-        acc = _mm256_fmadd_ps(
-            _mm256_cvtepi32_ps(combine(iq, ir)),
-            _mm256_set1_ps(s * d),
-            acc,
-        );
+        for t in 0..N {
+            acc[t] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(combine(iq[t], ir[t])),
+                _mm256_set1_ps(s * dx[t][g]),
+                acc[t],
+            );
+        }
     }
-    hsum256(acc)
+    acc.map(|a| hsum256(a))
 }
 
 /// [`Dots::dot4_i8_x4`] for groups of 32.
