@@ -38,11 +38,30 @@ impl Dots for Neon {
     }
     #[inline(always)]
     fn dot_f32(codes: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
-        unsafe { dot_f32(codes, x, scales, group) }
+        unsafe { dot_f32_xn(codes, [x], scales, group)[0] }
     }
     #[inline(always)]
     fn dot_i8(codes: &[u8], xq: Q8, scales: &[f32], dx: &[f32], group: usize) -> f32 {
-        unsafe { dot_i8(codes, xq, scales, dx, group) }
+        unsafe { dot_i8_xn(codes, [xq], scales, [dx], group)[0] }
+    }
+    #[inline(always)]
+    fn dot_f32_xn<const N: usize>(
+        codes: &[u8],
+        x: [&[f32]; N],
+        scales: &[f32],
+        group: usize,
+    ) -> [f32; N] {
+        unsafe { dot_f32_xn(codes, x, scales, group) }
+    }
+    #[inline(always)]
+    fn dot_i8_xn<const N: usize>(
+        codes: &[u8],
+        xq: [Q8; N],
+        scales: &[f32],
+        dx: [&[f32]; N],
+        group: usize,
+    ) -> [f32; N] {
+        unsafe { dot_i8_xn(codes, xq, scales, dx, group) }
     }
     #[inline(always)]
     fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
@@ -57,39 +76,39 @@ pub(super) unsafe fn run_rows_neon(w: Weight, px: &Prepared, out: &Out, r0: usiz
     rows::<Neon>(w, px, out, r0, r1)
 }
 
-/// 8 byte codes → two f32 vectors, fused into the accumulators against `x[0..8]`.
+/// 8 byte codes → two f32 vectors.
 #[inline]
 #[target_feature(enable = "neon")]
-unsafe fn fma8(c: uint8x8_t, x: *const f32, a0: &mut float32x4_t, a1: &mut float32x4_t) {
+fn codes_f32(c: uint8x8_t) -> [float32x4_t; 2] {
     let w = vmovl_u8(c);
+    [
+        vcvtq_f32_u32(vmovl_u16(vget_low_u16(w))),
+        vcvtq_f32_u32(vmovl_u16(vget_high_u16(w))),
+    ]
+}
+
+/// Eight codes from [`codes_f32`] against `x[0..8]`, fused into the two accumulators.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn fma8(f: [float32x4_t; 2], x: *const f32, a: &mut [float32x4_t; 2]) {
     unsafe {
-        *a0 = vfmaq_f32(*a0, vcvtq_f32_u32(vmovl_u16(vget_low_u16(w))), vld1q_f32(x));
-        *a1 = vfmaq_f32(
-            *a1,
-            vcvtq_f32_u32(vmovl_u16(vget_high_u16(w))),
-            vld1q_f32(x.add(4)),
-        );
+        a[0] = vfmaq_f32(a[0], f[0], vld1q_f32(x));
+        a[1] = vfmaq_f32(a[1], f[1], vld1q_f32(x.add(4)));
     }
 }
 
-/// 8 byte codes × 8 int8 activations, accumulated into i32 lanes (codes up to 255 fit i16).
-#[inline]
-#[target_feature(enable = "neon")]
-fn mla8(c: uint8x8_t, q: int8x8_t, isum: int32x4_t) -> int32x4_t {
-    mla8_wide(widen8(c), q, isum)
-}
-
-/// 8 byte codes as i16 lanes, for [`mla8_wide`].
+/// 8 byte codes as i16 lanes, for [`mla8`].
 #[inline]
 #[target_feature(enable = "neon")]
 fn widen8(c: uint8x8_t) -> int16x8_t {
     vreinterpretq_s16_u16(vmovl_u8(c))
 }
 
-/// [`mla8`] of codes already widened by [`widen8`].
+/// 8 codes widened by [`widen8`] × 8 int8 activations, accumulated into i32 lanes (codes up to 255 fit
+/// i16).
 #[inline]
 #[target_feature(enable = "neon")]
-fn mla8_wide(c: int16x8_t, q: int8x8_t, isum: int32x4_t) -> int32x4_t {
+fn mla8(c: int16x8_t, q: int8x8_t, isum: int32x4_t) -> int32x4_t {
     let q = vmovl_s8(q);
     let isum = vmlal_s16(isum, vget_low_s16(c), vget_low_s16(q));
     vmlal_s16(isum, vget_high_s16(c), vget_high_s16(q))
@@ -129,17 +148,10 @@ pub unsafe fn dot4_f32_xn<const N: usize>(
             unsafe {
                 chunk_codes(packed.as_ptr().add(j / 2), chunk, |c, off| {
                     for (half, c) in [vget_low_u8(c), vget_high_u8(c)].into_iter().enumerate() {
-                        // Eight codes as two f32 vectors, against each token's x[at..at + 8].
-                        let w = vmovl_u8(c);
-                        let f = [
-                            vcvtq_f32_u32(vmovl_u16(vget_low_u16(w))),
-                            vcvtq_f32_u32(vmovl_u16(vget_high_u16(w))),
-                        ];
-                        let at = j + off + 8 * half;
+                        // Eight codes against each token's x[at..at + 8].
+                        let (f, at) = (codes_f32(c), j + off + 8 * half);
                         for t in 0..N {
-                            let xp = x[t].as_ptr().add(at);
-                            a[t][0] = vfmaq_f32(a[t][0], f[0], vld1q_f32(xp));
-                            a[t][1] = vfmaq_f32(a[t][1], f[1], vld1q_f32(xp.add(4)));
+                            fma8(f, x[t].as_ptr().add(at), &mut a[t]);
                         }
                     }
                 });
@@ -176,8 +188,8 @@ pub unsafe fn dot4_i8_xn<const N: usize>(
                     for (half, c) in [vget_low_u8(c), vget_high_u8(c)].into_iter().enumerate() {
                         let (c, at) = (widen8(c), j + off + 8 * half);
                         for t in 0..N {
-                            iq[t] = mla8_wide(c, vld1_s8(xq[t].q.as_ptr().add(at)), iq[t]);
-                            ir[t] = mla8_wide(c, vld1_s8(xq[t].r.as_ptr().add(at)), ir[t]);
+                            iq[t] = mla8(c, vld1_s8(xq[t].q.as_ptr().add(at)), iq[t]);
+                            ir[t] = mla8(c, vld1_s8(xq[t].r.as_ptr().add(at)), ir[t]);
                         }
                     }
                 });
@@ -191,46 +203,67 @@ pub unsafe fn dot4_i8_xn<const N: usize>(
     acc.map(|a| vaddvq_f32(a))
 }
 
+/// Byte codes × `N` tokens' f32 activations: each eight codes are converted once for all the tokens, and
+/// each token's sums are taken in the order one token alone takes them (its result is the same to the bit).
+///
 /// # Safety
 /// See the module note on lengths.
 #[target_feature(enable = "neon")]
-pub unsafe fn dot_f32(codes: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
-    let mut acc = vdupq_n_f32(0.0);
+pub unsafe fn dot_f32_xn<const N: usize>(
+    codes: &[u8],
+    x: [&[f32]; N],
+    scales: &[f32],
+    group: usize,
+) -> [f32; N] {
+    let mut acc = [vdupq_n_f32(0.0); N];
     for (g, &s) in scales.iter().enumerate() {
-        let (mut a0, mut a1) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+        let mut a = [[vdupq_n_f32(0.0); 2]; N];
         for j in (g * group..(g + 1) * group).step_by(8) {
             unsafe {
-                fma8(
-                    vld1_u8(codes.as_ptr().add(j)),
-                    x.as_ptr().add(j),
-                    &mut a0,
-                    &mut a1,
-                )
-            };
-        }
-        acc = vfmaq_n_f32(acc, vaddq_f32(a0, a1), s);
-    }
-    vaddvq_f32(acc)
-}
-
-/// # Safety
-/// See the module note on lengths.
-#[target_feature(enable = "neon")]
-pub unsafe fn dot_i8(codes: &[u8], xq: Q8, scales: &[f32], dx: &[f32], group: usize) -> f32 {
-    let mut acc = vdupq_n_f32(0.0);
-    for (g, (&s, &d)) in scales.iter().zip(dx).enumerate() {
-        let (mut iq, mut ir) = (vdupq_n_s32(0), vdupq_n_s32(0));
-        for j in (g * group..(g + 1) * group).step_by(8) {
-            unsafe {
-                let c = vld1_u8(codes.as_ptr().add(j));
-                iq = mla8(c, vld1_s8(xq.q.as_ptr().add(j)), iq);
-                ir = mla8(c, vld1_s8(xq.r.as_ptr().add(j)), ir);
+                let f = codes_f32(vld1_u8(codes.as_ptr().add(j)));
+                for t in 0..N {
+                    fma8(f, x[t].as_ptr().add(j), &mut a[t]);
+                }
             }
         }
-        let isum = vmlaq_n_s32(ir, iq, RESIDUAL);
-        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(isum), s * d);
+        for t in 0..N {
+            acc[t] = vfmaq_n_f32(acc[t], vaddq_f32(a[t][0], a[t][1]), s);
+        }
     }
-    vaddvq_f32(acc)
+    acc.map(|a| vaddvq_f32(a))
+}
+
+/// Byte codes × `N` tokens' int8 activations: each eight codes are widened once for all the tokens; each
+/// token's sums are those of one token alone (its result is the same to the bit).
+///
+/// # Safety
+/// See the module note on lengths.
+#[target_feature(enable = "neon")]
+pub unsafe fn dot_i8_xn<const N: usize>(
+    codes: &[u8],
+    xq: [Q8; N],
+    scales: &[f32],
+    dx: [&[f32]; N],
+    group: usize,
+) -> [f32; N] {
+    let mut acc = [vdupq_n_f32(0.0); N];
+    for (g, &s) in scales.iter().enumerate() {
+        let (mut iq, mut ir) = ([vdupq_n_s32(0); N], [vdupq_n_s32(0); N]);
+        for j in (g * group..(g + 1) * group).step_by(8) {
+            unsafe {
+                let c = widen8(vld1_u8(codes.as_ptr().add(j)));
+                for t in 0..N {
+                    iq[t] = mla8(c, vld1_s8(xq[t].q.as_ptr().add(j)), iq[t]);
+                    ir[t] = mla8(c, vld1_s8(xq[t].r.as_ptr().add(j)), ir[t]);
+                }
+            }
+        }
+        for t in 0..N {
+            let isum = vmlaq_n_s32(ir[t], iq[t], RESIDUAL);
+            acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(isum), s * dx[t][g]);
+        }
+    }
+    acc.map(|a| vaddvq_f32(a))
 }
 
 /// # Safety
