@@ -58,7 +58,7 @@ impl Dots for Avx2 {
     }
     #[inline(always)]
     fn dot_i8(codes: &[u8], xq: Q8, scales: &[f32], dx: &[f32], group: usize) -> f32 {
-        unsafe { dot_i8_xn_avx2(codes, [xq], scales, [dx], group)[0] }
+        unsafe { dot_i8_avx2(codes, xq, scales, dx, group) }
     }
     #[inline(always)]
     fn dot_f32_xn<const N: usize>(
@@ -68,16 +68,6 @@ impl Dots for Avx2 {
         group: usize,
     ) -> [f32; N] {
         unsafe { dot_f32_xn_avx2(codes, x, scales, group) }
-    }
-    #[inline(always)]
-    fn dot_i8_xn<const N: usize>(
-        codes: &[u8],
-        xq: [Q8; N],
-        scales: &[f32],
-        dx: [&[f32]; N],
-        group: usize,
-    ) -> [f32; N] {
-        unsafe { dot_i8_xn_avx2(codes, xq, scales, dx, group) }
     }
     #[inline(always)]
     fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
@@ -1066,24 +1056,24 @@ pub unsafe fn dot_f32_xn_avx2<const N: usize>(
 ) -> [f32; N] {
     let mut acc = [_mm256_setzero_ps(); N];
     for (g, &s) in scales.iter().enumerate() {
-        let mut a = [[_mm256_setzero_ps(); 2]; N];
+        let (mut a0, mut a1) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
         let mut j = g * group;
         while j < (g + 1) * group {
             unsafe {
                 let c = codes.as_ptr().add(j);
-                let f = [c, c.add(8)].map(|c| {
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(c as *const _)))
-                });
+                let f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(c as *const _)));
+                let f1 =
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(8) as *const _)));
                 for t in 0..N {
                     let xp = x[t].as_ptr().add(j);
-                    a[t][0] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xp), a[t][0]);
-                    a[t][1] = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xp.add(8)), a[t][1]);
+                    a0[t] = _mm256_fmadd_ps(f0, _mm256_loadu_ps(xp), a0[t]);
+                    a1[t] = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xp.add(8)), a1[t]);
                 }
             }
             j += 16;
         }
         for t in 0..N {
-            acc[t] = _mm256_fmadd_ps(_mm256_add_ps(a[t][0], a[t][1]), _mm256_set1_ps(s), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_add_ps(a0[t], a1[t]), _mm256_set1_ps(s), acc[t]);
         }
     }
     acc.map(|a| hsum256(a))
@@ -1353,46 +1343,32 @@ pub unsafe fn dot_i8_vnni(codes: &[u8], xq: Q8, scales: &[f32], dx: &[f32], grou
     hsum256(acc)
 }
 
-/// Byte codes × `N` tokens' int8 activations: each sixteen codes are widened once for all the tokens; each
-/// token's sums are those of one token alone (its result is the same to the bit).
-///
 /// # Safety
 /// Needs AVX2 + FMA; see the module note on lengths. Codes may reach 255 (8-bit), where `maddubs` could
 /// saturate, so both sides are widened to i16 first.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_i8_xn_avx2<const N: usize>(
-    codes: &[u8],
-    xq: [Q8; N],
-    scales: &[f32],
-    dx: [&[f32]; N],
-    group: usize,
-) -> [f32; N] {
-    let mut acc = [_mm256_setzero_ps(); N];
+pub unsafe fn dot_i8_avx2(codes: &[u8], xq: Q8, scales: &[f32], dx: &[f32], group: usize) -> f32 {
+    let mut acc = _mm256_setzero_ps();
     let wide = |a: *const i8| unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(a as *const __m128i)) };
-    for (g, &s) in scales.iter().enumerate() {
-        let (mut iq, mut ir) = ([_mm256_setzero_si256(); N], [_mm256_setzero_si256(); N]);
+    for (g, (&s, &d)) in scales.iter().zip(dx).enumerate() {
+        let (mut iq, mut ir) = (_mm256_setzero_si256(), _mm256_setzero_si256());
         let mut j = g * group;
         while j < (g + 1) * group {
             unsafe {
                 let c =
                     _mm256_cvtepu8_epi16(_mm_loadu_si128(codes.as_ptr().add(j) as *const __m128i));
-                for t in 0..N {
-                    let (q, r) = (xq[t].q.as_ptr().add(j), xq[t].r.as_ptr().add(j));
-                    iq[t] = _mm256_add_epi32(iq[t], _mm256_madd_epi16(c, wide(q)));
-                    ir[t] = _mm256_add_epi32(ir[t], _mm256_madd_epi16(c, wide(r)));
-                }
+                iq = _mm256_add_epi32(iq, _mm256_madd_epi16(c, wide(xq.q.as_ptr().add(j))));
+                ir = _mm256_add_epi32(ir, _mm256_madd_epi16(c, wide(xq.r.as_ptr().add(j))));
             }
             j += 16;
         }
-        for t in 0..N {
-            acc[t] = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(combine(iq[t], ir[t])),
-                _mm256_set1_ps(s * dx[t][g]),
-                acc[t],
-            );
-        }
+        acc = _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(combine(iq, ir)),
+            _mm256_set1_ps(s * d),
+            acc,
+        );
     }
-    acc.map(|a| hsum256(a))
+    hsum256(acc)
 }
 
 /// [`Dots::dot4_i8_x4`] for groups of 32.
