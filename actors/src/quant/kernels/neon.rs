@@ -90,10 +90,10 @@ fn codes_f32(c: uint8x8_t) -> [float32x4_t; 2] {
 /// Eight codes from [`codes_f32`] against `x[0..8]`, fused into the two accumulators.
 #[inline]
 #[target_feature(enable = "neon")]
-unsafe fn fma8(f: [float32x4_t; 2], x: *const f32, a: &mut [float32x4_t; 2]) {
+unsafe fn fma8(f: [float32x4_t; 2], x: *const f32, a0: &mut float32x4_t, a1: &mut float32x4_t) {
     unsafe {
-        a[0] = vfmaq_f32(a[0], f[0], vld1q_f32(x));
-        a[1] = vfmaq_f32(a[1], f[1], vld1q_f32(x.add(4)));
+        *a0 = vfmaq_f32(*a0, f[0], vld1q_f32(x));
+        *a1 = vfmaq_f32(*a1, f[1], vld1q_f32(x.add(4)));
     }
 }
 
@@ -143,7 +143,7 @@ pub unsafe fn dot4_f32_xn<const N: usize>(
     let chunk = group.min(64);
     let mut acc = [vdupq_n_f32(0.0); N];
     for (g, &s) in scales.iter().enumerate() {
-        let mut a = [[vdupq_n_f32(0.0); 2]; N];
+        let (mut a0, mut a1) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
         for j in (g * group..(g + 1) * group).step_by(chunk) {
             unsafe {
                 chunk_codes(packed.as_ptr().add(j / 2), chunk, |c, off| {
@@ -151,14 +151,14 @@ pub unsafe fn dot4_f32_xn<const N: usize>(
                         // Eight codes against each token's x[at..at + 8].
                         let (f, at) = (codes_f32(c), j + off + 8 * half);
                         for t in 0..N {
-                            fma8(f, x[t].as_ptr().add(at), &mut a[t]);
+                            fma8(f, x[t].as_ptr().add(at), &mut a0[t], &mut a1[t]);
                         }
                     }
                 });
             }
         }
         for t in 0..N {
-            acc[t] = vfmaq_n_f32(acc[t], vaddq_f32(a[t][0], a[t][1]), s);
+            acc[t] = vfmaq_n_f32(acc[t], vaddq_f32(a0[t], a1[t]), s);
         }
     }
     acc.map(|a| vaddvq_f32(a))
@@ -217,17 +217,17 @@ pub unsafe fn dot_f32_xn<const N: usize>(
 ) -> [f32; N] {
     let mut acc = [vdupq_n_f32(0.0); N];
     for (g, &s) in scales.iter().enumerate() {
-        let mut a = [[vdupq_n_f32(0.0); 2]; N];
+        let (mut a0, mut a1) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
         for j in (g * group..(g + 1) * group).step_by(8) {
             unsafe {
                 let f = codes_f32(vld1_u8(codes.as_ptr().add(j)));
                 for t in 0..N {
-                    fma8(f, x[t].as_ptr().add(j), &mut a[t]);
+                    fma8(f, x[t].as_ptr().add(j), &mut a0[t], &mut a1[t]);
                 }
             }
         }
         for t in 0..N {
-            acc[t] = vfmaq_n_f32(acc[t], vaddq_f32(a[t][0], a[t][1]), s);
+            acc[t] = vfmaq_n_f32(acc[t], vaddq_f32(a0[t], a1[t]), s);
         }
     }
     acc.map(|a| vaddvq_f32(a))
