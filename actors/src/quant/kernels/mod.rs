@@ -1912,16 +1912,13 @@ mod tests {
     /// AVX2 and NEON take a row's codes once for a block of tokens (prefill) and once per token alone
     /// (decode; AVX2 f32 four rows at once): each token's outputs are the same to the bit either way. 256
     /// columns take blocks of eight f32 tokens at most (11 = 5 + 6); 2- and 3-bit rows widened to 4 bits,
-    /// 6-bit ones to bytes (AVX2: a block of tokens per byte row too).
+    /// 6-bit ones to bytes (byte rows take blocks of tokens too: f32 on AVX2, f32 and int8 on NEON).
     #[test]
     fn token_blocks_equal_one_token_at_a_time() {
         let (rows, cols, t) = (21, 256, 11);
         let x = activations(t * cols);
-        let isas = Isa::available();
-        for isa in isas
-            .into_iter()
-            .filter(|i| matches!(i, Isa::Avx2 | Isa::Neon))
-        {
+        let isas = Isa::available().into_iter();
+        for isa in isas.filter(|i| matches!(i, Isa::Avx2 | Isa::Neon)) {
             for (bits, group) in [
                 (4, 32),
                 (4, 64),
