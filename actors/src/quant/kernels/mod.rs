@@ -758,19 +758,17 @@ trait Dots {
         widen_into(packed, bits, out)
     }
 
-    /// [`Dots::dot4_i8`] for `N` tokens at once (the row is unpacked once for all of them), plus each
-    /// token's bias term `Σ_g bias_g · Σx_g`.
+    /// [`Dots::dot4_i8`] for `N` tokens at once (the row is unpacked once for all of them); the bias term
+    /// is the caller's, as for [`Dots::dot_i8_xn`].
     #[inline(always)]
     fn dot4_i8_xn<const N: usize>(
         row: &[u8],
         xq: [Q8; N],
-        (scales, biases): (&[f32], &[f32]),
-        (dx, xsum): ([&[f32]; N], [&[f32]; N]),
+        scales: &[f32],
+        dx: [&[f32]; N],
         group: usize,
     ) -> [f32; N] {
-        std::array::from_fn(|i| {
-            Self::dot4_i8(row, xq[i], scales, dx[i], group) + bias_dot(biases, xsum[i])
-        })
+        std::array::from_fn(|i| Self::dot4_i8(row, xq[i], scales, dx[i], group))
     }
 
     /// Tokens `tokens` against rows `rows` of 4-bit (or widened) matrix `m`, all in one call, where this set
@@ -1512,40 +1510,26 @@ fn tokens_pass<K: Dots, const N: usize>(
     t0: usize,
 ) {
     let g = px.group;
+    let xf = || std::array::from_fn(|k| px.xf_of(t0 + k));
+    let (xq, dx) = (
+        || std::array::from_fn(|k| px.xq_of(t0 + k)),
+        || std::array::from_fn(|k| px.dx_of(t0 + k)),
+    );
     // Rows of 4 bits or fewer come as nibbles (widened to 4 bits), wider ones as a byte per code.
-    let dots = match (px.xq.is_empty(), m.bits <= 4) {
-        (true, nibbles) => {
-            let x = std::array::from_fn(|k| px.xf_of(t0 + k));
-            let dots = if nibbles {
-                K::dot4_f32_xn::<N>(row, x, row_s, g)
-            } else {
-                K::dot_f32_xn::<N>(row, x, row_s, g)
-            };
-            std::array::from_fn(|k| dots[k] + bias_dot(row_b, px.xsum_of(t0 + k)))
-        }
-        (false, true) => K::dot4_i8_xn::<N>(
-            row,
-            std::array::from_fn(|k| px.xq_of(t0 + k)),
-            (row_s, row_b),
-            (
-                std::array::from_fn(|k| px.dx_of(t0 + k)),
-                std::array::from_fn(|k| px.xsum_of(t0 + k)),
-            ),
-            g,
-        ),
-        (false, false) => {
-            let dots = K::dot_i8_xn::<N>(
-                row,
-                std::array::from_fn(|k| px.xq_of(t0 + k)),
-                row_s,
-                std::array::from_fn(|k| px.dx_of(t0 + k)),
-                g,
-            );
-            std::array::from_fn(|k| dots[k] + bias_dot(row_b, px.xsum_of(t0 + k)))
-        }
+    let dots: [f32; N] = match (px.xq.is_empty(), m.bits <= 4) {
+        (true, true) => K::dot4_f32_xn(row, xf(), row_s, g),
+        (true, false) => K::dot_f32_xn(row, xf(), row_s, g),
+        (false, true) => K::dot4_i8_xn(row, xq(), row_s, dx(), g),
+        (false, false) => K::dot_i8_xn(row, xq(), row_s, dx(), g),
     };
     for (k, d) in dots.into_iter().enumerate() {
-        store(out, m.rows, r, t0 + k, d);
+        store(
+            out,
+            m.rows,
+            r,
+            t0 + k,
+            d + bias_dot(row_b, px.xsum_of(t0 + k)),
+        );
     }
 }
 

@@ -29,12 +29,11 @@ impl Dots for Neon {
     fn dot4_i8_xn<const N: usize>(
         row: &[u8],
         xq: [Q8; N],
-        (scales, biases): (&[f32], &[f32]),
-        (dx, xsum): ([&[f32]; N], [&[f32]; N]),
+        scales: &[f32],
+        dx: [&[f32]; N],
         group: usize,
     ) -> [f32; N] {
-        let dots = unsafe { dot4_i8_xn(row, xq, scales, dx, group) };
-        std::array::from_fn(|t| dots[t] + super::bias_dot(biases, xsum[t]))
+        unsafe { dot4_i8_xn(row, xq, scales, dx, group) }
     }
     #[inline(always)]
     fn dot_f32(codes: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {

@@ -45,12 +45,11 @@ impl Dots for Avx2 {
     fn dot4_i8_xn<const N: usize>(
         row: &[u8],
         xq: [Q8; N],
-        (scales, biases): (&[f32], &[f32]),
-        (dx, xsum): ([&[f32]; N], [&[f32]; N]),
+        scales: &[f32],
+        dx: [&[f32]; N],
         group: usize,
     ) -> [f32; N] {
-        let dots = unsafe { dot4_i8_xn_avx2(row, xq, scales, dx, group) };
-        std::array::from_fn(|t| dots[t] + super::bias_dot(biases, xsum[t]))
+        unsafe { dot4_i8_xn_avx2(row, xq, scales, dx, group) }
     }
     #[inline(always)]
     fn dot_f32(codes: &[u8], x: &[f32], scales: &[f32], group: usize) -> f32 {
@@ -125,18 +124,17 @@ impl Dots for Avx512 {
     fn dot4_i8_xn<const N: usize>(
         row: &[u8],
         xq: [Q8; N],
-        (scales, biases): (&[f32], &[f32]),
-        (dx, xsum): ([&[f32]; N], [&[f32]; N]),
+        scales: &[f32],
+        dx: [&[f32]; N],
         group: usize,
     ) -> [f32; N] {
         debug_assert!(!xq[0].units, "unit-order activations take `rows_xn`");
         unsafe {
-            let dots = match group {
+            match group {
                 32 => dot4_i8_vnni_xn_g32(row, xq, scales, dx),
                 64 => dot4_i8_xn_zmm::<1, N>(row, xq, scales, dx),
                 _ => dot4_i8_xn_zmm::<2, N>(row, xq, scales, dx),
-            };
-            std::array::from_fn(|t| dots[t] + super::bias_dot(biases, xsum[t]))
+            }
         }
     }
     #[inline(always)]
